@@ -19,17 +19,13 @@ from typing import Any, Sequence, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from models.validate import check  # noqa: F401  (re-exported for config schemas)
+
 T = TypeVar("T")
 
 
 class ConfigError(ValueError):
     """Bad configuration: the message names the key and what is allowed."""
-
-
-def check(ok: bool, message: str) -> None:
-    """Validation helper for `__post_init__`: raise ValueError(message) unless ok."""
-    if not ok:
-        raise ValueError(message)
 
 
 def _read_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[DictConfig]:

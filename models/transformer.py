@@ -1,0 +1,195 @@
+"""A small decoder-only language model.
+
+Pre-norm blocks of RMSNorm -> causal self-attention with rotary position
+embeddings -> RMSNorm -> feed-forward, tied input/output embeddings. The
+feed-forward block of each layer comes from a factory, so a sparse layer (the
+MoE of models/moe.py) plugs in without touching this file: a block may return
+either `y` or `(y, aux)`, where `aux` carries auxiliary losses (`aux.losses`,
+a dict of scalar tensors) and metrics (`aux.metrics`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.validate import check
+
+
+@dataclass
+class TransformerConfig:
+    vocab_size: int = 256          # byte-level by default; the data pipeline sets it from the tokenizer
+    max_seq_len: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    ffn_hidden: int = 512          # hidden width of the dense SwiGLU
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    init_std: float = 0.02
+    # which feed-forward block each layer gets: "dense" everywhere, or "moe" on the layers
+    # chosen by moe_layer_freq (every n-th) after the first `first_k_dense` dense ones (DeepSeekMoE)
+    ffn: str = "dense"
+    moe_layer_freq: int = 1
+    first_k_dense: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "max_seq_len", "n_layer", "n_head", "d_model", "ffn_hidden", "moe_layer_freq"):
+            check(getattr(self, name) >= 1, f"model.{name}={getattr(self, name)} must be >= 1")
+        check(self.d_model % self.n_head == 0, f"model.n_head={self.n_head} must divide model.d_model={self.d_model}")
+        check((self.d_model // self.n_head) % 2 == 0, f"model.d_model/n_head={self.d_model // self.n_head} must be even (rotary embeddings rotate pairs)")
+        check(self.ffn in ("dense", "moe"), f"model.ffn={self.ffn!r} must be 'dense' or 'moe'")
+        check(0 <= self.first_k_dense <= self.n_layer, f"model.first_k_dense={self.first_k_dense} must be in [0, n_layer={self.n_layer}]")
+        check(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
+        check(self.rope_theta > 0 and self.norm_eps > 0 and self.init_std > 0, "model.rope_theta, norm_eps and init_std must be > 0")
+
+    def is_sparse_layer(self, i: int) -> bool:
+        return self.ffn == "moe" and i >= self.first_k_dense and (i - self.first_k_dense) % self.moe_layer_freq == 0
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rotary_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position * frequency, shape (max_len, head_dim / 2)."""
+    freqs = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles_LH = torch.outer(torch.arange(max_len, dtype=torch.float32), freqs)
+    return angles_LH.cos(), angles_LH.sin()
+
+
+def apply_rotary(x_BNTH: torch.Tensor, cos_TH: torch.Tensor, sin_TH: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs (x1, x2) of every head by the position's angle."""
+    x1, x2 = x_BNTH.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (B, N, T, H/2)
+    rotated = torch.stack((x1 * cos_TH - x2 * sin_TH, x1 * sin_TH + x2 * cos_TH), dim=-1)
+    return rotated.flatten(-2).type_as(x_BNTH)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.n_head, self.head_dim, self.dropout = cfg.n_head, cfg.d_model // cfg.n_head, cfg.dropout
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x_BTD: torch.Tensor, cos_TH: torch.Tensor, sin_TH: torch.Tensor) -> torch.Tensor:
+        B, T, D = x_BTD.shape
+        # (B, T, 3D) -> 3 x (B, n_head, T, head_dim)
+        q, k, v = self.qkv(x_BTD).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, cos_TH, sin_TH), apply_rotary(k, cos_TH, sin_TH)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(B, T, D))
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)), with gate and up fused in one matmul."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.gate_up = nn.Linear(d_model, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TransformerConfig, ffn: nn.Module):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = CausalSelfAttention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = ffn
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x_BTD: torch.Tensor, cos_TH: torch.Tensor, sin_TH: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        x_BTD = x_BTD + self.drop(self.attn(self.attn_norm(x_BTD), cos_TH, sin_TH))
+        out = self.ffn(self.ffn_norm(x_BTD))
+        y_BTD, aux = out if isinstance(out, tuple) else (out, None)
+        return x_BTD + self.drop(y_BTD), aux
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor                 # (B, T, vocab)
+    loss: torch.Tensor | None            # mean next-token cross-entropy, when targets are given
+    aux: dict[int, Any]                  # layer index -> what its feed-forward block reported
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: TransformerConfig, ffn_factory: Callable[[int], nn.Module] | None = None):
+        """`ffn_factory(layer)` builds the feed-forward block of the layers `cfg.is_sparse_layer` picks."""
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(
+            Block(cfg, ffn_factory(i) if cfg.is_sparse_layer(i) and ffn_factory else SwiGLU(cfg.d_model, cfg.ffn_hidden))
+            for i in range(cfg.n_layer)
+        )
+        if cfg.ffn != "dense" and ffn_factory is None:
+            raise ValueError(f"model.ffn={cfg.ffn!r} needs an ffn_factory for its sparse layers")
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        cos, sin = rotary_tables(cfg.d_model // cfg.n_head, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init)
+        # scale the residual-branch outputs down with depth (GPT-2), so the stream's variance stays put
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.out.weight", "ffn.down.weight")):
+                nn.init.normal_(p, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+
+    def _init(self, m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=self.cfg.init_std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+    def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None) -> LMOutput:
+        T = idx_BT.shape[1]
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        x_BTD = self.drop(self.embed(idx_BT))
+        cos_TH, sin_TH = self.rope_cos[:T], self.rope_sin[:T]
+        aux = {}
+        for i, block in enumerate(self.blocks):
+            x_BTD, aux[i] = block(x_BTD, cos_TH, sin_TH)
+        logits = F.linear(self.norm(x_BTD), self.embed.weight)  # tied embeddings
+        loss = None
+        if targets_BT is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets_BT.flatten(), ignore_index=-100)
+        return LMOutput(logits, loss, {i: a for i, a in aux.items() if a is not None})
+
+    # ---- size and cost -------------------------------------------------------------------
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def active_parameters(self) -> int:
+        """Parameters one token uses: sparse blocks report their own via `active_parameters()`."""
+        total = self.num_parameters()
+        for block in self.blocks:
+            if hasattr(block.ffn, "active_parameters"):
+                total += block.ffn.active_parameters() - sum(p.numel() for p in block.ffn.parameters())
+        return total
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token: 6 x active matmul weights (forward 2, backward 4), plus
+        attention scores and values (12 x layers x width x context, as in the PaLM appendix).
+        The tied embedding counts once, as the output projection (the lookup is free)."""
+        T = seq_len or self.cfg.max_seq_len
+        norms = sum(p.numel() for n, p in self.named_parameters() if "norm" in n)
+        return 6 * (self.active_parameters() - norms) + 12 * self.cfg.n_layer * self.cfg.d_model * T
