@@ -1,15 +1,28 @@
-"""Mixture-of-Experts feed-forward layer.
+"""Mixture-of-Experts feed-forward layer (DeepSeekMoE / DeepSeek-V3 / Mixtral / Qwen2-MoE family).
 
 Read top to bottom: config, experts, router, balance losses, dispatch, the layer.
 Tensor names carry their shape: T tokens, D model width, E routed experts,
-K experts per token, H expert hidden width, A = T*K token-expert assignments,
-B sequences, S tokens per sequence.
+K experts per token, H hidden width of one expert, A token-expert assignments
+that reach an expert (T*K when nothing is dropped), B sequences, S tokens per
+sequence, C tokens per expert under expert-choice routing.
+
+    y, aux = MoE(MoEConfig(...))(x)          # x: (B, S, D) or (T, D)
+    loss = task_loss + sum(aux.losses.values())
+    ...optimizer.step(); moe.update_bias()   # aux-loss-free balancing, if on
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.transformer import SwiGLU
+from models.validate import check
 
 
 # -----------------------------------------------------------------------------
@@ -55,12 +68,9 @@ class MoEConfig:
     # capacity: None = dropless; else each expert keeps ceil(cf * T * K / E) tokens
     capacity_factor: Optional[float] = None
     dispatch: str = "grouped_mm"  # "grouped_mm" | "loop"
+    init_std: float = 0.02  # normal init of the router and every expert weight
 
     def __post_init__(self):
-        def check(ok: bool, msg: str):
-            if not ok:
-                raise ValueError(msg)
-
         for name in ("d_model", "n_routed_experts", "expert_hidden", "top_k", "granularity",
                      "n_groups", "topk_groups", "n_devices"):
             v = getattr(self, name)
@@ -95,6 +105,7 @@ class MoEConfig:
         check(0.0 <= self.router_jitter < 1.0,
               f"moe.router_jitter={self.router_jitter} must be in [0, 1)")
         check(self.route_scale > 0, f"moe.route_scale={self.route_scale} must be > 0")
+        check(self.init_std > 0, f"moe.init_std={self.init_std} must be > 0")
         for name in ("balance_alpha", "seq_balance_alpha", "device_balance_alpha",
                      "z_loss_coef", "bias_update_rate"):
             v = getattr(self, name)
@@ -135,3 +146,350 @@ class MoEConfig:
         if self.capacity_factor is None:
             return None
         return math.ceil(self.capacity_factor * n_tokens * self.experts_per_token / self.n_experts)
+
+
+# -----------------------------------------------------------------------------
+# experts
+
+class RoutedExperts(nn.Module):
+    """E SwiGLU experts stored as 3-D weights, run on tokens already sorted by expert.
+
+    The gate and up projections are fused into one (E, D, 2H) weight so each
+    group of tokens needs one matmul for both; its last dim is [gate | up].
+    """
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        E, D, H = cfg.n_experts, cfg.d_model, cfg.hidden_per_expert
+        self.dispatch = cfg.dispatch
+        self.w_gate_up = nn.Parameter(torch.empty(E, D, 2 * H))
+        self.w_down = nn.Parameter(torch.empty(E, H, D))
+
+    def uses_grouped_mm(self, x_AD: torch.Tensor) -> bool:
+        """grouped_mm on CPU takes fp32/bf16/fp16 and needs every row 16-byte aligned."""
+        if self.dispatch != "grouped_mm" or x_AD.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return False
+        H = self.w_down.shape[1]
+        return all(n * x_AD.element_size() % 16 == 0 for n in (x_AD.shape[1], H, 2 * H))
+
+    def forward(self, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """x_AD: rows grouped by expert, counts_E[e] rows for expert e, in order."""
+        if self.uses_grouped_mm(x_AD):
+            offs_E = counts_E.cumsum(0, dtype=torch.int32)  # cumulative ends, as grouped_mm wants
+            gate_AH, up_AH = F.grouped_mm(x_AD, self.w_gate_up, offs=offs_E).chunk(2, dim=-1)
+            return F.grouped_mm(F.silu(gate_AH) * up_AH, self.w_down, offs=offs_E)
+        out_AD, start = [], 0
+        for e, n in enumerate(counts_E.tolist()):
+            gate_nH, up_nH = (x_AD[start:start + n] @ self.w_gate_up[e]).chunk(2, dim=-1)
+            out_AD.append((F.silu(gate_nH) * up_nH) @ self.w_down[e])
+            start += n
+        return torch.cat(out_AD)
+
+
+# -----------------------------------------------------------------------------
+# router
+
+@dataclass
+class Routing:
+    """What the router decided for T tokens (fp32)."""
+    logits_TE: torch.Tensor
+    scores_TE: torch.Tensor  # softmax or sigmoid of the logits
+    probs_TE: torch.Tensor  # per-token distribution over experts (sigmoid scores renormalized)
+    idx_TK: torch.Tensor  # chosen experts (token choice); empty under expert choice
+    weights_TK: torch.Tensor  # combine weights of the chosen experts
+    scores_TK: torch.Tensor  # raw router scores of the chosen experts: capacity priority
+
+
+class Router(nn.Module):
+    """Scores every expert for every token in fp32 and picks experts.
+
+    Selection uses scores + expert_bias (aux-loss-free balancing); the combine
+    weights always come from the unbiased scores.
+    """
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model))
+        # Shazeer et al. 2017: learned per-expert noise scale, softplus(x . w_noise)
+        self.noise_weight = nn.Parameter(torch.zeros(cfg.n_experts, cfg.d_model)) if cfg.noisy_gating else None
+        self.register_buffer("expert_bias", torch.zeros(cfg.n_experts))  # persistent: saved in checkpoints
+
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(x_TD.dtype, torch.float32)  # fp32, or fp64 under gradcheck
+        x_TD = x_TD.to(dtype)
+        if self.training and self.cfg.router_jitter > 0:  # Switch Transformer input jitter
+            eps = self.cfg.router_jitter
+            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - eps, 1 + eps)
+        logits_TE = F.linear(x_TD, self.weight.to(dtype))
+        if self.training and self.noise_weight is not None:
+            noise_std_TE = F.softplus(F.linear(x_TD, self.noise_weight.to(dtype)))
+            logits_TE = logits_TE + torch.randn_like(logits_TE) * noise_std_TE
+        return logits_TE
+
+    def forward(self, x_TD: torch.Tensor) -> Routing:
+        cfg = self.cfg
+        logits_TE = self.logits(x_TD)
+        if cfg.score_func == "softmax":
+            scores_TE = logits_TE.softmax(dim=-1)
+            probs_TE = scores_TE
+        else:
+            scores_TE = logits_TE.sigmoid()
+            probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+        if cfg.routing == "expert_choice":
+            empty = logits_TE.new_zeros(0, 0)
+            return Routing(logits_TE, scores_TE, probs_TE, empty.long(), empty, empty)
+
+        # --- token choice: top-k over (biased, group-limited) scores
+        with torch.no_grad():
+            choice_TE = scores_TE + self.expert_bias.to(scores_TE.dtype)
+            if cfg.n_groups > 1:
+                choice_TE = self.limit_groups(choice_TE)
+            idx_TK = choice_TE.topk(cfg.experts_per_token, dim=-1).indices
+        scores_TK = scores_TE.gather(1, idx_TK)
+        weights_TK = scores_TK
+        if cfg.norm_topk:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        return Routing(logits_TE, scores_TE, probs_TE, idx_TK, weights_TK * cfg.route_scale, scores_TK.detach())
+
+    def limit_groups(self, choice_TE: torch.Tensor) -> torch.Tensor:
+        """DeepSeek-V3 group-limited routing: only experts in the best topk_groups groups stay eligible.
+
+        A group scores the sum of its top-2 experts (DeepSeek-V3, sigmoid) or
+        its best expert (DeepSeek-V2, softmax). Masked experts get -inf, not 0:
+        with a bias, eligible scores can be negative and a 0 would win over them.
+        """
+        cfg = self.cfg
+        T, E = choice_TE.shape
+        choice_TGe = choice_TE.view(T, cfg.n_groups, E // cfg.n_groups)
+        top = 2 if cfg.score_func == "sigmoid" else 1
+        group_TG = choice_TGe.topk(min(top, E // cfg.n_groups), dim=-1).values.sum(dim=-1)
+        best_TG = group_TG.topk(cfg.topk_groups, dim=-1).indices
+        keep_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter_(1, best_TG, True)
+        return choice_TGe.masked_fill(~keep_TG.unsqueeze(-1), float("-inf")).view(T, E)
+
+
+# -----------------------------------------------------------------------------
+# balance losses
+
+def balance_loss(counts_E: torch.Tensor, probs_TE: torch.Tensor, n_assign: int) -> torch.Tensor:
+    """sum_i f_i * P_i with f_i = E/(K*T) * counts_i and P_i the mean probability.
+
+    Normalized so perfectly uniform routing gives exactly 1 (then multiply by alpha).
+    n_assign = K*T. Gradients reach the router through P only (counts are discrete).
+    """
+    E = probs_TE.shape[-1]
+    f_E = counts_E.to(probs_TE.dtype) * (E / n_assign)
+    return (f_E * probs_TE.mean(dim=0)).sum()
+
+
+def seq_balance_loss(idx_BSK: torch.Tensor, probs_BSE: torch.Tensor) -> torch.Tensor:
+    """DeepSeek-V3 sequence-wise balance loss: the expert-level loss per sequence, averaged."""
+    B, S, K = idx_BSK.shape
+    E = probs_BSE.shape[-1]
+    counts_BE = torch.zeros(B, E, dtype=probs_BSE.dtype, device=probs_BSE.device)
+    counts_BE.scatter_add_(1, idx_BSK.reshape(B, S * K), torch.ones_like(counts_BE[:, :1]).expand(B, S * K))
+    f_BE = counts_BE * (E / (K * S))
+    return (f_BE * probs_BSE.mean(dim=1)).sum(dim=-1).mean()
+
+
+def device_balance_loss(counts_E: torch.Tensor, probs_TE: torch.Tensor, n_assign: int, n_devices: int) -> torch.Tensor:
+    """DeepSeekMoE device-level loss: experts in n_devices contiguous groups.
+
+    f'_d is the mean f_i over group d, P'_d the summed P_i; uniform routing gives 1.
+    """
+    E = probs_TE.shape[-1]
+    f_DE = (counts_E.to(probs_TE.dtype) * (E / n_assign)).view(n_devices, -1)
+    P_DE = probs_TE.mean(dim=0).view(n_devices, -1)
+    return (f_DE.mean(dim=-1) * P_DE.sum(dim=-1)).sum()
+
+
+def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2."""
+    return torch.logsumexp(logits_TE, dim=-1).square().mean()
+
+
+# -----------------------------------------------------------------------------
+# dispatch: which assignment goes to which expert, in expert order
+
+@dataclass
+class Dispatch:
+    token_A: torch.Tensor  # token of each kept assignment, grouped by expert
+    weight_A: torch.Tensor  # its combine weight
+    counts_E: torch.Tensor  # kept assignments per expert (sums to A)
+    drop_fraction: torch.Tensor  # token choice: dropped / (T*K); expert choice: tokens no expert took / T
+
+
+def token_choice_dispatch(routing: Routing, capacity: Optional[int]) -> Dispatch:
+    """Sort the T*K assignments by expert; with a capacity, drop each expert's lowest scores."""
+    T, K = routing.idx_TK.shape
+    E = routing.logits_TE.shape[-1]
+    expert_A = routing.idx_TK.reshape(-1)  # (T*K,), assignment a is token a // K
+    if capacity is None:
+        order_A = expert_A.argsort(stable=True)
+        counts_E = torch.bincount(expert_A, minlength=E)
+    else:
+        # order by score (best first), then stably by expert: each expert's tokens best first
+        by_score_A = routing.scores_TK.reshape(-1).argsort(descending=True, stable=True)
+        order_A = by_score_A[expert_A[by_score_A].argsort(stable=True)]
+        counts_E = torch.bincount(expert_A, minlength=E)
+        starts_E = counts_E.cumsum(0) - counts_E
+        rank_A = torch.arange(T * K, device=expert_A.device) - starts_E[expert_A[order_A]]
+        order_A = order_A[rank_A < capacity]
+        counts_E = counts_E.clamp(max=capacity)
+    weight_A = routing.weights_TK.reshape(-1)[order_A]
+    drop_fraction = routing.logits_TE.new_tensor(1 - order_A.numel() / (T * K))
+    return Dispatch(order_A // K, weight_A, counts_E, drop_fraction)
+
+
+def expert_choice_dispatch(routing: Routing, capacity: int, route_scale: float) -> Dispatch:
+    """Zhou et al. 2022: every expert takes its `capacity` best-scoring tokens of the whole batch."""
+    scores_TE = routing.scores_TE
+    T, E = scores_TE.shape
+    C = min(capacity, T)
+    weight_CE, token_CE = scores_TE.topk(C, dim=0)
+    # (C, E) -> (E, C) -> (E*C,): grouped by expert
+    token_A, weight_A = token_CE.t().reshape(-1), weight_CE.t().reshape(-1)
+    counts_E = torch.full((E,), C, dtype=torch.long, device=scores_TE.device)
+    taken_T = torch.zeros(T, dtype=torch.bool, device=scores_TE.device).index_fill_(0, token_A, True)
+    return Dispatch(token_A, weight_A * route_scale, counts_E, 1 - taken_T.float().mean())
+
+
+# -----------------------------------------------------------------------------
+# the layer
+
+@dataclass
+class MoEAux:
+    """Each auxiliary loss (already times its coefficient; zero when off) and the routing metrics."""
+    balance_loss: torch.Tensor
+    seq_balance_loss: torch.Tensor
+    device_balance_loss: torch.Tensor
+    z_loss: torch.Tensor
+    tokens_per_expert: torch.Tensor  # (E,) assignments the router chose per expert, before capacity drops
+    drop_fraction: torch.Tensor
+    max_vio: torch.Tensor  # (max load - mean load) / mean load
+    router_entropy: torch.Tensor  # mean over tokens of the entropy of probs_TE, in nats
+
+    @property
+    def losses(self) -> dict[str, torch.Tensor]:
+        return {"balance_loss": self.balance_loss, "seq_balance_loss": self.seq_balance_loss,
+                "device_balance_loss": self.device_balance_loss, "z_loss": self.z_loss}
+
+    @property
+    def metrics(self) -> dict[str, float | torch.Tensor]:
+        return {"tokens_per_expert": self.tokens_per_expert, "drop_fraction": self.drop_fraction.item(),
+                "max_vio": self.max_vio.item(), "router_entropy": self.router_entropy.item()}
+
+
+class MoE(nn.Module):
+    """Routed SwiGLU experts plus optional shared experts; forward(x) -> (y, MoEAux).
+
+    Under routing="expert_choice" the layer is NOT causal: each expert picks
+    its tokens among all tokens of the batch, so a token's output depends on
+    later tokens (and other sequences). Do not use it for autoregressive
+    decoding.
+    """
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.router = Router(cfg)
+        self.experts = RoutedExperts(cfg)
+        self.shared = SwiGLU(cfg.d_model, cfg.shared_hidden) if cfg.n_shared_experts else None
+        self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False) if cfg.shared_gate else None
+        # loads since the last update_bias(); a plain attribute, not a buffer, so
+        # neither checkpoints nor DDP buffer broadcasts touch it
+        self.load_E = torch.zeros(cfg.n_experts)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for p in self.parameters():
+            nn.init.normal_(p, std=self.cfg.init_std)
+        if self.router.noise_weight is not None:
+            nn.init.zeros_(self.router.noise_weight)  # start noiseless-ish: softplus(0) = 0.69
+
+    def active_parameters(self) -> int:
+        """Parameters one token uses: router, shared experts and top_k routed experts."""
+        cfg = self.cfg
+        routed = cfg.experts_per_token * 3 * cfg.d_model * cfg.hidden_per_expert
+        dense = [self.router, self.shared, self.shared_gate]
+        return routed + sum(p.numel() for m in dense if m is not None for p in m.parameters())
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
+        cfg = self.cfg
+        if x.shape[-1] != cfg.d_model or x.dim() not in (2, 3):
+            raise ValueError(f"MoE expects (B, S, {cfg.d_model}) or (T, {cfg.d_model}), got {tuple(x.shape)}")
+        n_seq = x.shape[0] if x.dim() == 3 else 1
+        x_TD = x.reshape(-1, cfg.d_model)
+        T = x_TD.shape[0]
+
+        routing = self.router(x_TD)
+        if cfg.routing == "token_choice":
+            plan = token_choice_dispatch(routing, cfg.capacity(T))
+        else:
+            capacity = math.ceil((cfg.capacity_factor or 1.0) * T * cfg.experts_per_token / cfg.n_experts)
+            plan = expert_choice_dispatch(routing, capacity, cfg.route_scale)
+
+        # gather -> experts -> weighted scatter-add back to the tokens
+        out_AD = self.experts(x_TD[plan.token_A], plan.counts_E)
+        out_AD = out_AD * plan.weight_A.to(out_AD.dtype).unsqueeze(-1)
+        y_TD = torch.zeros_like(x_TD).index_add_(0, plan.token_A, out_AD)
+
+        if self.shared is not None:
+            shared_TD = self.shared(x_TD)
+            if self.shared_gate is not None:
+                shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
+            y_TD = y_TD + shared_TD
+        return y_TD.view(x.shape), self.aux(routing, plan, n_seq)
+
+    def aux(self, routing: Routing, plan: Dispatch, n_seq: int) -> MoEAux:
+        cfg = self.cfg
+        T, E = routing.logits_TE.shape
+        zero = routing.logits_TE.new_zeros(())
+        if cfg.routing == "token_choice":
+            counts_E = torch.bincount(routing.idx_TK.reshape(-1), minlength=E)
+        else:
+            counts_E = plan.counts_E
+        n_assign = T * cfg.experts_per_token
+        if self.training and cfg.bias_update_rate > 0:
+            self.load_E = self.load_E.to(counts_E.device) + counts_E
+        with torch.no_grad():
+            load_E = counts_E.float()
+            max_vio = (load_E.max() - load_E.mean()) / load_E.mean()
+            entropy = torch.special.entr(routing.probs_TE).sum(dim=-1).mean()
+
+        def coef(c: float, loss_fn) -> torch.Tensor:
+            return c * loss_fn() if c > 0 else zero
+
+        probs_TE = routing.probs_TE
+        return MoEAux(
+            balance_loss=coef(cfg.balance_alpha, lambda: balance_loss(counts_E, probs_TE, n_assign)),
+            seq_balance_loss=coef(cfg.seq_balance_alpha, lambda: seq_balance_loss(
+                routing.idx_TK.view(n_seq, T // n_seq, -1), probs_TE.view(n_seq, T // n_seq, E))),
+            device_balance_loss=coef(cfg.device_balance_alpha, lambda: device_balance_loss(
+                counts_E, probs_TE, n_assign, cfg.n_devices)),
+            z_loss=coef(cfg.z_loss_coef, lambda: z_loss(routing.logits_TE)),
+            tokens_per_expert=counts_E.detach(),
+            drop_fraction=plan.drop_fraction,
+            max_vio=max_vio,
+            router_entropy=entropy,
+        )
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """Aux-loss-free balancing step (DeepSeek-V3); call once after every optimizer step.
+
+        b_i += gamma * sign(mean load - load_i), then re-centred to mean zero.
+        Loads are summed over all micro-batches since the last call and over
+        all DDP ranks, so every rank applies the same update.
+        """
+        gamma = self.cfg.bias_update_rate
+        if gamma == 0:
+            return
+        bias_E = self.router.expert_bias
+        load_E = self.load_E.to(device=bias_E.device, dtype=torch.float32)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(load_E)
+        bias_E += (gamma * torch.sign(load_E.mean() - load_E)).to(bias_E.dtype)
+        bias_E -= bias_E.mean()
+        self.load_E = torch.zeros_like(load_E)
