@@ -147,6 +147,12 @@ def stack_loras(loras_list: list[Loras]) -> Loras:
     return {n: (torch.stack([lo[n][0] for lo in loras_list]), torch.stack([lo[n][1] for lo in loras_list])) for n in names}
 
 
+def flatten_loras(loras: Loras) -> Tensor:
+    """Per-sample LoRAs -> one vector per sample [N, P] (modules in sorted order, A then B),
+    e.g. for MSE to targets or cosine similarity between documents' LoRAs."""
+    return torch.cat([t.flatten(1) for name in sorted(loras) for t in loras[name]], dim=1)
+
+
 # -----------------------------------------------------------------------------
 # peft interop and storage
 
