@@ -1,0 +1,590 @@
+"""Proof of correctness for models/moe.py.
+
+1. A slow per-token reference written from the papers' definitions; the fast
+   layer matches it on many random configs (hypothesis), forward and gradients.
+2. Exact properties: one expert == dense SwiGLU, uniform routing gives alpha,
+   z-loss formula, conservation, capacity drops, float64 gradcheck.
+3. Aux-loss-free bias: balances a skewed router; identical across DDP ranks.
+4. Parity with transformers' Mixtral, Qwen2-MoE and DeepSeek-V3 blocks.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import socket
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+from models.moe import MoE, MoEConfig
+from models.transformer import SwiGLU
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# -----------------------------------------------------------------------------
+# slow, per-token reference: plain loops over tokens and experts
+
+
+def ref_expert(moe: MoE, e: int, x_D: torch.Tensor) -> torch.Tensor:
+    w_gate_up, w_down = moe.experts.w_gate_up[e], moe.experts.w_down[e]
+    H = w_down.shape[0]
+    h = x_D @ w_gate_up
+    return (F.silu(h[:H]) * h[H:]) @ w_down
+
+
+def ref_shared(moe: MoE, x_D: torch.Tensor) -> torch.Tensor:
+    cfg = moe.cfg
+    out = torch.zeros_like(x_D)
+    if cfg.n_shared_experts == 0:
+        return out
+    W_gate_up, W_down = moe.shared.gate_up.weight, moe.shared.down.weight  # (2H, D), (D, H)
+    H = W_down.shape[1]
+    per = H // cfg.n_shared_experts
+    for s in range(cfg.n_shared_experts):  # each shared expert on its own, summed
+        g, u = W_gate_up[s * per:(s + 1) * per], W_gate_up[H + s * per:H + (s + 1) * per]
+        out = out + W_down[:, s * per:(s + 1) * per] @ (F.silu(g @ x_D) * (u @ x_D))
+    if cfg.shared_gate:
+        out = out * torch.sigmoid(moe.shared_gate.weight[0] @ x_D)
+    return out
+
+
+def ref_route_token(moe: MoE, x_D: torch.Tensor):
+    """-> logits, scores, probs, chosen experts (best first), their combine weights."""
+    cfg = moe.cfg
+    E, K = cfg.n_experts, cfg.experts_per_token
+    logits = moe.router.weight.float() @ x_D.float()
+    scores = logits.softmax(-1) if cfg.score_func == "softmax" else logits.sigmoid()
+    probs = scores / scores.sum()
+    choice = [float(scores[e] + moe.router.expert_bias[e]) for e in range(E)]
+    eligible = list(range(E))
+    if cfg.n_groups > 1:
+        size = E // cfg.n_groups
+        group_score = []
+        for g in range(cfg.n_groups):
+            vals = sorted(choice[g * size:(g + 1) * size], reverse=True)
+            group_score.append(sum(vals[:2]) if cfg.score_func == "sigmoid" else vals[0])
+        best = sorted(range(cfg.n_groups), key=lambda g: -group_score[g])[:cfg.topk_groups]
+        eligible = [e for e in range(E) if e // size in best]
+    chosen = sorted(eligible, key=lambda e: -choice[e])[:K]
+    weights = [scores[e] for e in chosen]
+    if cfg.norm_topk:
+        total = sum(weights)
+        weights = [w / total for w in weights]
+    return logits, scores, probs, chosen, [w * cfg.route_scale for w in weights]
+
+
+def reference_moe(moe: MoE, x: torch.Tensor):
+    """-> y, {loss name: value}, tokens_per_expert (list), drop_fraction."""
+    cfg = moe.cfg
+    E, K = cfg.n_experts, cfg.experts_per_token
+    n_seq = x.shape[0] if x.dim() == 3 else 1
+    xs = list(x.reshape(-1, cfg.d_model))
+    T = len(xs)
+    routes = [ref_route_token(moe, x_D) for x_D in xs]
+    ys = [ref_shared(moe, x_D) for x_D in xs]
+
+    if cfg.routing == "token_choice":
+        per_expert = {e: [] for e in range(E)}  # e -> [(score, token, weight)]
+        for t, (_, scores, _, chosen, weights) in enumerate(routes):
+            for e, w in zip(chosen, weights):
+                per_expert[e].append((float(scores[e]), t, w))
+        counts = [len(per_expert[e]) for e in range(E)]
+        C = math.ceil(cfg.capacity_factor * T * K / E) if cfg.capacity_factor else T * K
+        kept = {e: sorted(per_expert[e], key=lambda a: -a[0])[:C] for e in range(E)}
+        dropped = sum(counts) - sum(len(v) for v in kept.values())
+        drop_fraction = dropped / (T * K)
+    else:  # expert choice: expert e takes its C best tokens
+        C = min(math.ceil((cfg.capacity_factor or 1.0) * T * K / E), T)
+        kept = {}
+        for e in range(E):
+            col = [(float(routes[t][1][e]), t) for t in range(T)]
+            best = sorted(col, key=lambda a: -a[0])[:C]
+            kept[e] = [(s, t, routes[t][1][e] * cfg.route_scale) for s, t in best]
+        counts = [C] * E
+        drop_fraction = sum(all(t not in [a[1] for a in kept[e]] for e in range(E)) for t in range(T)) / T
+    for e in range(E):
+        for _, t, w in kept[e]:
+            ys[t] = ys[t] + w * ref_expert(moe, e, xs[t])
+    y = torch.stack(ys).view(x.shape)
+
+    # losses, straight from the definitions
+    def f(e, n_tok, cnt):
+        return E / (K * n_tok) * cnt
+
+    P = [sum(r[2][e] for r in routes) / T for e in range(E)]
+    bal = sum(f(e, T, counts[e]) * P[e] for e in range(E))
+    S = T // n_seq
+    seq = 0.0
+    for b in range(n_seq):
+        rs = routes[b * S:(b + 1) * S]
+        for e in range(E):
+            cnt = sum(e in r[3] for r in rs)
+            seq = seq + f(e, S, cnt) * sum(r[2][e] for r in rs) / S
+    seq = seq / n_seq
+    per_dev = E // cfg.n_devices
+    dev = 0.0
+    for d in range(cfg.n_devices):
+        group = range(d * per_dev, (d + 1) * per_dev)
+        dev = dev + sum(f(e, T, counts[e]) for e in group) / per_dev * sum(P[e] for e in group)
+    z = sum(torch.logsumexp(r[0], -1) ** 2 for r in routes) / T
+    losses = {"balance_loss": cfg.balance_alpha * bal, "seq_balance_loss": cfg.seq_balance_alpha * seq,
+              "device_balance_loss": cfg.device_balance_alpha * dev, "z_loss": cfg.z_loss_coef * z}
+    if cfg.routing == "expert_choice":
+        losses = {k: cfg.z_loss_coef * z if k == "z_loss" else 0.0 for k in losses}
+    return y, losses, counts, drop_fraction
+
+
+# -----------------------------------------------------------------------------
+# fast layer == reference, on random configs
+
+
+@st.composite
+def moe_cases(draw):
+    routing = draw(st.sampled_from(["token_choice", "token_choice", "expert_choice"]))
+    granularity = draw(st.integers(1, 2))
+    n_routed = draw(st.integers(1, 6))
+    E = n_routed * granularity
+    tc = routing == "token_choice"
+    n_groups = draw(st.sampled_from([g for g in (1, 2, 4) if E % g == 0])) if tc else 1
+    topk_groups = draw(st.integers(1, n_groups))
+    max_k = min(n_routed, topk_groups * (E // n_groups) // granularity)
+    n_devices = draw(st.sampled_from([d for d in (1, 2, 3) if E % d == 0]))
+    n_shared = draw(st.integers(0, 2))
+    cfg = MoEConfig(
+        d_model=draw(st.sampled_from([8, 12, 16])),
+        n_routed_experts=n_routed,
+        expert_hidden=granularity * draw(st.sampled_from([4, 8])),
+        top_k=draw(st.integers(1, max_k)),
+        granularity=granularity,
+        n_shared_experts=n_shared,
+        shared_gate=n_shared > 0 and draw(st.booleans()),
+        score_func=draw(st.sampled_from(["softmax", "sigmoid"])),
+        norm_topk=draw(st.booleans()),
+        route_scale=draw(st.sampled_from([1.0, 2.5])),
+        n_groups=n_groups,
+        topk_groups=topk_groups,
+        routing=routing,
+        balance_alpha=0.1 if tc else 0.0,
+        seq_balance_alpha=0.2 if tc else 0.0,
+        device_balance_alpha=0.3 if tc else 0.0,
+        n_devices=n_devices if tc else 1,
+        z_loss_coef=0.01,
+        capacity_factor=draw(st.sampled_from([None, 0.5, 1.0, 1.5])),
+        dispatch=draw(st.sampled_from(["grouped_mm", "grouped_mm", "loop"])),
+        init_std=0.3,
+    )
+    shape = (draw(st.integers(1, 3)), draw(st.integers(1, 8)))
+    if draw(st.booleans()):
+        shape = (shape[0] * shape[1],)  # (T, D) input: one sequence
+    return cfg, shape, draw(st.integers(0, 2**31 - 1)), tc and draw(st.booleans())
+
+
+def all_grads(out, inputs):
+    grads = torch.autograd.grad(out, inputs, allow_unused=True)
+    return [torch.zeros_like(i) if g is None else g for g, i in zip(grads, inputs)]
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(moe_cases())
+def test_fast_matches_reference(case):
+    cfg, shape, seed, with_bias = case
+    torch.manual_seed(seed)
+    moe = MoE(cfg).eval()  # eval: no router noise, so both see the same routing
+    if with_bias:  # selection-only bias, like aux-loss-free balancing leaves it
+        moe.router.expert_bias.copy_(0.2 * torch.randn(cfg.n_experts))
+    x = torch.randn(*shape, cfg.d_model, requires_grad=True)
+    if cfg.dispatch == "grouped_mm":
+        assert moe.experts.uses_grouped_mm(x.view(-1, cfg.d_model))
+
+    y, aux = moe(x)
+    y_ref, losses_ref, counts_ref, drop_ref = reference_moe(moe, x)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    for name, value in aux.losses.items():
+        torch.testing.assert_close(value, torch.as_tensor(losses_ref[name], dtype=value.dtype),
+                                   atol=1e-6, rtol=1e-5, msg=name)
+    assert aux.tokens_per_expert.tolist() == counts_ref
+    assert aux.drop_fraction.item() == pytest.approx(drop_ref)
+
+    # gradients of an arbitrary function of the output and every loss
+    g_out = torch.randn_like(y)
+    params = [x] + list(moe.parameters())
+    obj = (y * g_out).sum() + sum(aux.losses.values())
+    obj_ref = (y_ref * g_out).sum() + sum(torch.as_tensor(v) for v in losses_ref.values())
+    for g, g_ref in zip(all_grads(obj, params), all_grads(obj_ref, params)):
+        torch.testing.assert_close(g, g_ref, atol=2e-5, rtol=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# exact properties
+
+
+def test_single_expert_is_dense_swiglu():
+    cfg = MoEConfig(d_model=16, n_routed_experts=1, expert_hidden=24, top_k=1, init_std=0.2)
+    moe = MoE(cfg)
+    dense = SwiGLU(16, 24)
+    with torch.no_grad():
+        dense.gate_up.weight.copy_(moe.experts.w_gate_up[0].t())
+        dense.down.weight.copy_(moe.experts.w_down[0].t())
+    x = torch.randn(3, 5, 16)
+    y, aux = moe(x)
+    torch.testing.assert_close(y, dense(x), atol=1e-6, rtol=1e-6)
+    assert aux.tokens_per_expert.tolist() == [15]
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_uniform_routing_gives_alpha(score_func):
+    cfg = MoEConfig(d_model=16, n_routed_experts=8, expert_hidden=8, top_k=3, score_func=score_func,
+                    balance_alpha=0.37, seq_balance_alpha=0.11, device_balance_alpha=0.05, n_devices=4)
+    moe = MoE(cfg)
+    torch.nn.init.zeros_(moe.router.weight)  # every expert equally likely for every token
+    _, aux = moe(torch.randn(2, 32, 16))
+    assert aux.balance_loss.item() == pytest.approx(0.37, abs=1e-6)
+    assert aux.seq_balance_loss.item() == pytest.approx(0.11, abs=1e-6)
+    assert aux.device_balance_loss.item() == pytest.approx(0.05, abs=1e-6)
+    # and a skewed router is penalized above alpha
+    with torch.no_grad():
+        moe.router.weight.normal_(std=0.5)
+        moe.router.weight[0] += 1.0
+    _, aux = moe(torch.randn(2, 32, 16) + 1.0)
+    assert aux.balance_loss.item() > 0.37
+
+
+def test_z_loss_formula():
+    cfg = MoEConfig(d_model=16, n_routed_experts=6, expert_hidden=8, top_k=2, z_loss_coef=0.003, init_std=0.5)
+    moe = MoE(cfg)
+    x = torch.randn(4, 7, 16)
+    _, aux = moe(x)
+    logits = x.reshape(-1, 16) @ moe.router.weight.t()
+    expected = 0.003 * (torch.log(torch.exp(logits).sum(-1)) ** 2).mean()
+    torch.testing.assert_close(aux.z_loss, expected)
+
+
+@pytest.mark.parametrize("capacity_factor", [0.25, 0.5, 1.0, 2.0])
+def test_assignments_conserved(capacity_factor):
+    cfg = MoEConfig(d_model=16, n_routed_experts=8, expert_hidden=8, top_k=2, capacity_factor=capacity_factor,
+                    init_std=0.5)
+    moe = MoE(cfg)
+    T = 64
+    x = torch.randn(T, 16) + torch.randn(16)  # shared offset: a skewed load that overflows
+    routing = moe.router(x)
+    from models.moe import token_choice_dispatch
+    plan = token_choice_dispatch(routing, cfg.capacity(T))
+    routed = plan.counts_E.sum().item()
+    expected_kept = torch.bincount(routing.idx_TK.flatten(), minlength=8).clamp(max=cfg.capacity(T)).sum().item()
+    assert routed == expected_kept
+    dropped = round(plan.drop_fraction.item() * T * 2)
+    assert routed + dropped == T * 2
+    _, aux = moe(x)
+    assert aux.tokens_per_expert.sum().item() == T * 2  # metrics count the router's choice, before drops
+
+
+def test_capacity_drops_lowest_scores():
+    # 2 experts, top-1; every token prefers expert 0; capacity ceil(0.5 * 8 / 2) = 2
+    cfg = MoEConfig(d_model=4, n_routed_experts=2, expert_hidden=4, top_k=1, capacity_factor=0.5)
+    moe = MoE(cfg)
+    with torch.no_grad():
+        moe.router.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 0]]))
+    x = torch.zeros(8, 4)
+    x[:, 0] = torch.tensor([0.5, 3.0, 1.0, 2.5, 0.1, 0.2, 4.0, 0.3])  # expert-0 score grows with x[:, 0]
+    x[:, 1:] = torch.randn(8, 3)
+    y, aux = moe(x)
+    kept = (y.abs().sum(-1) > 0).nonzero().flatten().tolist()
+    assert kept == [1, 6]  # the two highest expert-0 scores
+    assert aux.drop_fraction.item() == pytest.approx(6 / 8)
+    assert aux.tokens_per_expert.tolist() == [8, 0]
+
+
+def test_gradcheck_float64():
+    cfg = MoEConfig(d_model=4, n_routed_experts=4, expert_hidden=6, top_k=2, n_shared_experts=1, shared_gate=True,
+                    score_func="sigmoid", norm_topk=True, capacity_factor=1.0, balance_alpha=0.1,
+                    seq_balance_alpha=0.1, device_balance_alpha=0.1, n_devices=2, z_loss_coef=0.1, init_std=0.5)
+    torch.manual_seed(0)
+    moe = MoE(cfg).double()
+    x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    names, params = zip(*moe.named_parameters())
+
+    def fn(x, *ps):
+        y, aux = torch.func.functional_call(moe, dict(zip(names, ps)), (x,))
+        return y, *aux.losses.values()
+
+    assert not moe.experts.uses_grouped_mm(x.view(-1, 4))  # grouped_mm has no float64: the loop runs
+    assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-5)
+
+
+def test_grouped_mm_backward_from_sum():
+    """grouped_mm rejects a stride-0 incoming gradient; y.sum().backward() must still work."""
+    moe = MoE(MoEConfig(d_model=16, n_routed_experts=4, expert_hidden=16, top_k=2))
+    x = torch.randn(2, 8, 16, requires_grad=True)
+    assert moe.experts.uses_grouped_mm(x.view(-1, 16))
+    moe(x)[0].sum().backward()
+    assert x.grad is not None and moe.experts.w_gate_up.grad.abs().sum() > 0
+
+
+def test_router_runs_in_fp32_under_bf16():
+    moe = MoE(MoEConfig(d_model=16, n_routed_experts=4, expert_hidden=16, top_k=2)).to(torch.bfloat16)
+    x = torch.randn(2, 8, 16, dtype=torch.bfloat16)
+    assert moe.router(x.view(-1, 16)).logits_TE.dtype == torch.float32
+    y, _ = moe(x)
+    assert y.dtype == torch.bfloat16
+
+
+def test_expert_choice_is_balanced_and_non_causal():
+    cfg = MoEConfig(d_model=8, n_routed_experts=4, expert_hidden=8, top_k=1, routing="expert_choice", init_std=0.5)
+    moe = MoE(cfg)
+    x = torch.randn(1, 16, 8)
+    y, aux = moe(x)
+    assert aux.tokens_per_expert.tolist() == [4, 4, 4, 4] and aux.max_vio.item() == 0
+    x2 = x.clone()
+    x2[0, -1] = 10 * torch.randn(8)  # change only the last token
+    y2, _ = moe(x2)
+    assert not torch.allclose(y[0, :-1], y2[0, :-1])  # earlier tokens changed: not causal
+    tc = MoE(MoEConfig(d_model=8, n_routed_experts=4, expert_hidden=8, top_k=1, init_std=0.5))
+    torch.testing.assert_close(tc(x)[0][0, :-1], tc(x2)[0][0, :-1])  # token choice is per token
+
+
+def test_noise_only_in_training():
+    cfg = MoEConfig(d_model=8, n_routed_experts=8, expert_hidden=8, top_k=2, router_jitter=0.2, noisy_gating=True)
+    moe = MoE(cfg)
+    x = torch.randn(32, 8)
+    moe.eval()
+    torch.testing.assert_close(moe(x)[0], moe(x)[0])
+    moe.train()
+    y1, y2 = moe(x)[0], moe(x)[0]
+    assert not torch.allclose(y1, y2)
+    y1.pow(2).sum().backward()
+    assert moe.router.noise_weight.grad.abs().sum() > 0  # the noise scale is learned
+
+
+def test_active_parameters():
+    cfg = MoEConfig(d_model=16, n_routed_experts=8, expert_hidden=32, top_k=2, granularity=2,
+                    n_shared_experts=2, shared_gate=True)
+    moe = MoE(cfg)
+    router, shared, gate = 16 * 16, 3 * 16 * 2 * 16, 16
+    assert moe.active_parameters() == router + shared + gate + 4 * 3 * 16 * 16
+    # fine-grained segmentation keeps routed parameters and active parameters fixed
+    coarse = MoE(MoEConfig(d_model=16, n_routed_experts=8, expert_hidden=32, top_k=2))
+    assert coarse.experts.w_down.numel() == moe.experts.w_down.numel()
+    assert coarse.active_parameters() - 8 * 16 == moe.active_parameters() - router - shared - gate
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(top_k=9), "moe.top_k=9"),
+    (dict(expert_hidden=10, granularity=4), "moe.expert_hidden=10"),
+    (dict(score_func="relu"), "moe.score_func='relu'"),
+    (dict(n_groups=3), "moe.n_groups=3"),
+    (dict(n_groups=4, topk_groups=5), "moe.topk_groups=5"),
+    (dict(n_groups=8, topk_groups=1), "moe.topk_groups=1"),
+    (dict(capacity_factor=0.0), "moe.capacity_factor=0.0"),
+    (dict(shared_gate=True), "moe.shared_gate=True"),
+    (dict(routing="expert_choice", balance_alpha=0.01), "moe.balance_alpha=0.01"),
+    (dict(dispatch="magic"), "moe.dispatch='magic'"),
+])
+def test_config_errors_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match="^" + field.replace("(", r"\(")):
+        MoEConfig(**kwargs)
+
+
+# -----------------------------------------------------------------------------
+# aux-loss-free balancing
+
+
+def skewed_moe(bias_update_rate: float) -> MoE:
+    cfg = MoEConfig(d_model=16, n_routed_experts=8, expert_hidden=8, top_k=2, score_func="sigmoid",
+                    norm_topk=True, bias_update_rate=bias_update_rate, init_std=0.1)
+    torch.manual_seed(0)
+    moe = MoE(cfg)
+    with torch.no_grad():
+        moe.router.weight[:2, 0] = 2.0  # inputs have x[0] ~ 1, so experts 0 and 1 win almost always
+    return moe
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.01])
+def test_bias_rule_balances(rate):
+    moe = skewed_moe(rate)
+    gen = torch.Generator().manual_seed(1)
+    vio = []
+    for _ in range(150):
+        x = torch.randn(256, 16, generator=gen)
+        x[:, 0] += 1.0
+        _, aux = moe(x)
+        vio.append(aux.max_vio.item())
+        moe.update_bias()
+    first, last = sum(vio[:5]) / 5, sum(vio[-5:]) / 5
+    assert first > 1.5  # skewed to start with
+    if rate > 0:
+        assert last < 0.25 * first
+        assert abs(moe.router.expert_bias.mean().item()) < 1e-6  # re-centred
+        assert moe.router.expert_bias[:2].max() < moe.router.expert_bias[2:].min()
+    else:
+        assert last > 0.9 * first
+        assert moe.router.expert_bias.abs().sum() == 0
+
+
+def test_bias_accumulates_micro_batches_and_skips_eval():
+    moe = skewed_moe(0.01)
+    x = torch.randn(64, 16)
+    _, a1 = moe(x)
+    _, a2 = moe(x[:32])
+    torch.testing.assert_close(moe.load_E, (a1.tokens_per_expert + a2.tokens_per_expert).float())
+    moe.eval()
+    moe(x)
+    torch.testing.assert_close(moe.load_E, (a1.tokens_per_expert + a2.tokens_per_expert).float())
+    moe.update_bias()
+    assert moe.load_E.sum() == 0
+    assert "router.expert_bias" in moe.state_dict() and "load_E" not in moe.state_dict()
+
+
+DDP_SCRIPT = textwrap.dedent("""
+    import os, sys, torch, torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from models.moe import MoE, MoEConfig
+
+    rank, world = int(sys.argv[1]), 2
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)  # same init on both ranks
+    cfg = MoEConfig(d_model=16, n_routed_experts=8, expert_hidden=8, top_k=2, score_func="sigmoid",
+                    bias_update_rate=0.01)
+    model = DDP(MoE(cfg), broadcast_buffers=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.manual_seed(100 + rank)  # different data on each rank
+    local_loads = []
+    for step in range(3):
+        for micro in range(2):  # gradient accumulation
+            x = torch.randn(32, 16) + rank * torch.arange(16) / 8  # rank-dependent routing
+            with model.no_sync() if micro == 0 else torch.enable_grad():
+                y, aux = model(x)
+                y.pow(2).mean().backward()
+        local_loads.append(model.module.load_E.clone())
+        opt.step(); opt.zero_grad()
+        model.module.update_bias()
+    bias = model.module.router.expert_bias
+    biases, loads = [torch.zeros_like(bias) for _ in range(world)], [torch.zeros_like(local_loads[0]) for _ in range(world)]
+    dist.all_gather(biases, bias)
+    dist.all_gather(loads, local_loads[0])
+    if rank == 0:
+        assert not torch.equal(loads[0], loads[1]), "ranks saw the same loads: the test would prove nothing"
+        assert torch.equal(biases[0], biases[1]), f"bias differs across ranks: {biases}"
+        assert bias.abs().sum() > 0
+        print("DDP_BIAS_OK")
+    dist.destroy_process_group()
+""")
+
+
+def test_bias_identical_across_ddp_ranks(tmp_path):
+    script = tmp_path / "ddp_bias.py"
+    script.write_text(DDP_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": str(REPO),
+           "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(script), str(r)], env=env, cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(outs)
+    assert "DDP_BIAS_OK" in outs[0]
+
+
+# -----------------------------------------------------------------------------
+# parity with transformers (weights copied over; each block in float32, eval mode)
+
+transformers = pytest.importorskip("transformers")
+IMPLS = ["eager", "grouped_mm", "batched_mm"]
+
+
+def copy_experts(moe: MoE, hf_experts) -> None:
+    # transformers stores (E, 2H, D) and (E, D, H), i.e. (out, in); this layer stores (in, out)
+    with torch.no_grad():
+        hf_experts.gate_up_proj.copy_(moe.experts.w_gate_up.transpose(1, 2))
+        hf_experts.down_proj.copy_(moe.experts.w_down.transpose(1, 2))
+
+
+def copy_mlp(moe: MoE, hf_mlp) -> None:
+    gate, up = moe.shared.gate_up.weight.chunk(2, dim=0)
+    with torch.no_grad():
+        hf_mlp.gate_proj.weight.copy_(gate)
+        hf_mlp.up_proj.weight.copy_(up)
+        hf_mlp.down_proj.weight.copy_(moe.shared.down.weight)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_parity_mixtral(impl):
+    from transformers.models.mixtral.modeling_mixtral import MixtralConfig, MixtralSparseMoeBlock
+    hf_cfg = MixtralConfig(hidden_size=32, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2,
+                           experts_implementation=impl)
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(d_model=32, n_routed_experts=8, expert_hidden=16, top_k=2, norm_topk=True, init_std=0.2))
+    hf = MixtralSparseMoeBlock(hf_cfg).eval()
+    copy_experts(moe, hf.experts)
+    with torch.no_grad():
+        hf.gate.weight.copy_(moe.router.weight)
+    x = torch.randn(2, 24, 32)
+    torch.testing.assert_close(moe(x)[0], hf(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_parity_qwen2_moe(impl):
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeConfig, Qwen2MoeSparseMoeBlock
+    hf_cfg = Qwen2MoeConfig(hidden_size=32, moe_intermediate_size=16, shared_expert_intermediate_size=48,
+                            num_experts=8, num_experts_per_tok=3, norm_topk_prob=False, experts_implementation=impl)
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(d_model=32, n_routed_experts=8, expert_hidden=16, top_k=3, n_shared_experts=1,
+                        shared_expert_hidden=48, shared_gate=True, init_std=0.2))
+    hf = Qwen2MoeSparseMoeBlock(hf_cfg).eval()
+    copy_experts(moe, hf.experts)
+    copy_mlp(moe, hf.shared_expert)
+    with torch.no_grad():
+        hf.gate.weight.copy_(moe.router.weight)
+        hf.shared_expert_gate.weight.copy_(moe.shared_gate.weight)
+    x = torch.randn(2, 24, 32)
+    torch.testing.assert_close(moe(x)[0], hf(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_parity_deepseek_v3(impl):
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Config, DeepseekV3MoE
+    hf_cfg = DeepseekV3Config(hidden_size=32, moe_intermediate_size=16, n_routed_experts=16, num_experts_per_tok=4,
+                              n_group=4, topk_group=2, n_shared_experts=2, routed_scaling_factor=2.5,
+                              norm_topk_prob=True, experts_implementation=impl)
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(d_model=32, n_routed_experts=16, expert_hidden=16, top_k=4, n_shared_experts=2,
+                        score_func="sigmoid", norm_topk=True, route_scale=2.5, n_groups=4, topk_groups=2,
+                        init_std=0.2))
+    # a positive bias keeps every biased score positive: there a 0 mask (older transformers) and
+    # this layer's -inf mask choose the same experts (5.23 itself masks with -inf)
+    with torch.no_grad():
+        moe.router.expert_bias.copy_(0.3 * torch.rand(16))
+    hf = DeepseekV3MoE(hf_cfg).eval()
+    copy_experts(moe, hf.experts)
+    copy_mlp(moe, hf.shared_experts)
+    with torch.no_grad():
+        hf.gate.weight.copy_(moe.router.weight)
+        hf.gate.e_score_correction_bias.copy_(moe.router.expert_bias)
+    x = torch.randn(2, 24, 32)
+    torch.testing.assert_close(moe(x)[0], hf(x), atol=1e-5, rtol=1e-5)
+    # the bias must have mattered: without it the routing (and output) differs
+    with torch.no_grad():
+        moe.router.expert_bias.zero_()
+    assert not torch.allclose(moe(x)[0], hf(x), atol=1e-4)
+
+
+def test_balance_loss_matches_transformers():
+    """transformers' load_balancing_loss_func (Switch) uses f_i = counts_i / T, which sums to K,
+    and returns E * sum_i f_i P_i; this layer uses f_i = E/(K*T) counts_i, so uniform routing
+    gives alpha rather than K. Same selection and P (softmax, no bias, no groups):
+    ours / alpha * K == theirs."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+    K, E = 3, 8
+    moe = MoE(MoEConfig(d_model=16, n_routed_experts=E, expert_hidden=8, top_k=K, balance_alpha=0.01, init_std=0.3))
+    x = torch.randn(4, 16, 16)
+    _, aux = moe(x)
+    logits = moe.router(x.view(-1, 16)).logits_TE
+    theirs = load_balancing_loss_func((logits,), num_experts=E, top_k=K)
+    torch.testing.assert_close(aux.balance_loss / 0.01 * K, theirs)
