@@ -252,7 +252,7 @@ def qa_batch(n=2):
 def test_gradients_reach_every_translator_parameter(design, base, targets):
     translator = ParameterTranslator(TranslatorConfig(design=design), 64, targets)
     target_loras = random_loras(targets, seed=8, n=2, scale=0.05)
-    loss, parts = translator_loss(base, translator(torch.randn(2, 64)), target_loras, qa_batch(), SCALING, 0.01, 100.0)
+    loss, _ = translator_loss(base, translator(torch.randn(2, 64)), target_loras, qa_batch(), SCALING, 0.01, 100.0)
     loss.backward()
     for name, p in translator.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
