@@ -1,0 +1,181 @@
+"""The toy LM and its trainer: causality, learning, resume, checkpoints, NaN, bad input, DDP."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.transformer import Transformer, TransformerConfig
+from train import checkpoint as ckpt
+from train.config import ConfigError, load_config
+from train.lm import LMRunConfig, NonFiniteLoss, main, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs/lm/tiny.yaml")
+
+
+def tiny(tmp_path, *overrides):
+    return load_config(LMRunConfig, TINY, [f"out_dir={tmp_path}", *overrides])
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---- the model ---------------------------------------------------------------------------
+
+
+def test_shapes_and_causality():
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(vocab_size=50, max_seq_len=16, n_layer=2, n_head=2, d_model=32, ffn_hidden=64)).eval()
+    idx = torch.randint(50, (2, 16))
+    out = model(idx, idx)
+    assert out.logits.shape == (2, 16, 50) and out.loss.ndim == 0 and out.aux == {}
+    changed = idx.clone()
+    changed[:, 10] = (changed[:, 10] + 1) % 50
+    diff = (model(changed).logits - out.logits).abs().amax(dim=(0, 2))
+    assert diff[:10].max() == 0, "a future token changed an earlier logit"
+    assert diff[10:].min() > 0, "the changed token should affect its own and later positions"
+
+
+def test_parameter_and_flop_counts():
+    cfg = TransformerConfig(vocab_size=256, n_layer=2, d_model=32, n_head=2, ffn_hidden=64)
+    model = Transformer(cfg)
+    per_layer = 4 * 32 * 32 + 3 * 32 * 64 + 2 * 32
+    assert model.num_parameters() == 256 * 32 + 2 * per_layer + 32
+    assert model.active_parameters() == model.num_parameters()
+    assert model.flops_per_token(16) == 6 * (model.num_parameters() - 5 * 32) + 12 * 2 * 32 * 16
+
+
+# ---- training ------------------------------------------------------------------------------
+
+
+def test_loss_goes_down_and_run_dir_is_complete(tmp_path):
+    summary = train(tiny(tmp_path))
+    rows = metrics(summary["run_dir"])
+    assert rows[-1]["val_loss"] < rows[0]["train_loss"] - 1.0
+    run = Path(summary["run_dir"])
+    for name in ("config.yaml", "loss.png", "summary.json", ckpt.DONE_MARKER):
+        assert (run / name).exists(), name
+    assert {"step", "tokens", "train_loss", "lr", "tokens_per_s"} <= rows[0].keys()
+    # the saved config loads back to the same config
+    assert load_config(LMRunConfig, run / "config.yaml") == tiny(tmp_path)
+
+
+def test_refuses_to_overwrite_a_finished_run(tmp_path, capsys):
+    train(tiny(tmp_path))
+    before = (tmp_path / "tiny/metrics.jsonl").read_text()
+    assert main([TINY, f"out_dir={tmp_path}"]) == 2
+    assert "already holds a finished run" in capsys.readouterr().err
+    assert (tmp_path / "tiny/metrics.jsonl").read_text() == before
+    assert main([TINY, f"out_dir={tmp_path}", "train.steps=10", "--overwrite"]) == 0
+    assert metrics(tmp_path / "tiny")[-1]["step"] == 10
+
+
+def test_resume_is_exact(tmp_path):
+    full = train(tiny(tmp_path / "a"))
+    train(tiny(tmp_path / "b", "train.stop_at=20"))
+    assert not (tmp_path / "b/tiny" / ckpt.DONE_MARKER).exists()
+    train(tiny(tmp_path / "b"), resume=True)
+    a, b = metrics(full["run_dir"]), metrics(tmp_path / "b/tiny")
+    drop = ("tokens_per_s",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in a] == [{k: v for k, v in r.items() if k not in drop} for r in b]
+
+
+def test_a_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    train(tiny(tmp_path, "train.stop_at=10"))
+    run = tmp_path / "tiny"
+    good = ckpt.latest_checkpoint(run)
+    weights, _ = ckpt.load_checkpoint(good)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed mid-save")
+
+    monkeypatch.setattr(ckpt.torch, "save", crash)  # the weights file is written, the state file is not
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(tmp_path), resume=True)
+    assert ckpt.latest_checkpoint(run) == good
+    again, state = ckpt.load_checkpoint(good)
+    assert state["step"] == 10 and all(torch.equal(again[k], weights[k]) for k in weights)
+    assert not list(run.glob("checkpoints/**/*.tmp"))
+    monkeypatch.undo()
+    assert train(tiny(tmp_path), resume=True)["finished"]
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    real = Transformer.forward
+    calls = {"n": 0}
+
+    def flaky(self, idx, targets=None):
+        out = real(self, idx, targets)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 13:
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(Transformer, "forward", flaky)
+    with pytest.raises(NonFiniteLoss, match="at step 13"):
+        train(tiny(tmp_path))
+    good = ckpt.latest_checkpoint(tmp_path / "tiny")
+    weights, state = ckpt.load_checkpoint(good)
+    assert state["step"] == 10 and all(torch.isfinite(w).all() for w in weights.values())
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+BAD = [
+    (["model.n_layr=3"], "did you mean 'model.n_layer'"),
+    (["train.lr=fast"], "train.lr"),
+    (["train.lr=-0.1"], "train.lr=-0.1 must be > 0"),
+    (["model.n_layer=0"], "model.n_layer=0 must be >= 1"),
+    (["model.n_head=3"], "model.n_head=3 must divide model.d_model=32"),
+    (["data.path=/no/such/corpus.txt"], "data.path=/no/such/corpus.txt: no such file"),
+    (["train.seq_len=64"], "train.seq_len=64 must be <= model.max_seq_len=32"),
+    (["model.ffn=sparse"], "model.ffn='sparse' must be"),
+    (["train.steps"], "must look like key.sub=value"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD, ids=[o[0] for o, _ in BAD])
+def test_bad_config_fails_before_writing(tmp_path, capsys, overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("'", "'")):
+        tiny(tmp_path, *overrides)
+    assert main([TINY, f"out_dir={tmp_path}", *overrides]) == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir()), "nothing may be written for a bad config"
+
+
+def test_missing_config_file_and_bad_base(tmp_path, capsys):
+    assert main([str(tmp_path / "nope.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(LMRunConfig, tmp_path / "loop.yaml")
+
+
+# ---- two processes -------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process_at_equal_global_batch(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    common = [TINY, "train.steps=12", "log.log_every=1", "log.eval_every=6", "model.dropout=0.0"]
+    one = subprocess.run([sys.executable, "-m", "train.lm", *common, f"out_dir={tmp_path}/one", "train.batch_size=8"],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                          "-m", "train.lm", *common, f"out_dir={tmp_path}/two", "train.batch_size=4"],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = metrics(tmp_path / "one/tiny"), metrics(tmp_path / "two/tiny")
+    assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) == 12
+    assert [r["tokens"] for r in a] == [r["tokens"] for r in b]
+    # same windows, gradients averaged by DDP: only float summation order differs
+    for x, y in zip(a, b):
+        assert abs(x["train_loss"] - y["train_loss"]) < 2e-3, (x, y)
+    assert abs(a[-1]["val_loss"] - b[-1]["val_loss"]) < 2e-3

@@ -1,0 +1,235 @@
+"""Training data: a built-in synthetic multi-domain corpus or the user's text files,
+tokenized to one stream per split with a domain label on every token.
+
+The synthetic corpus has six domains that need different skills, so a trained
+MoE can be asked which experts serve which domain. Samples are generated from a
+seed; a sample goes to validation when a hash of its text says so, so the two
+splits never share a sample however many are drawn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from models.validate import check
+
+# ---- config ---------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None        # a .txt file or a folder of them (one domain per file); None = synthetic corpus
+    n_samples: int = 40000         # synthetic samples drawn (before the split)
+    val_fraction: float = 0.05
+    seed: int = 0
+    tokenizer: str = "byte"        # "byte" (256 symbols, nothing to train) or "bpe" (trained here with `tokenizers`)
+    bpe_vocab_size: int = 512
+
+    def __post_init__(self) -> None:
+        check(self.tokenizer in ("byte", "bpe"), f"data.tokenizer={self.tokenizer!r} must be 'byte' or 'bpe'")
+        check(0.0 < self.val_fraction < 1.0, f"data.val_fraction={self.val_fraction} must be in (0, 1)")
+        check(self.n_samples >= 100, f"data.n_samples={self.n_samples} must be >= 100")
+        check(self.bpe_vocab_size >= 260, f"data.bpe_vocab_size={self.bpe_vocab_size} must be >= 260")
+        if self.path is not None:
+            p = Path(self.path)
+            check(p.exists(), f"data.path={self.path}: no such file or folder")
+            check(bool(text_files(p)), f"data.path={self.path}: no .txt files there")
+
+
+# ---- the synthetic domains --------------------------------------------------------------
+# Each generator returns one sample line; together they need arithmetic, ordering,
+# copying, associative recall, syntax and code-like structure.
+
+
+def _arithmetic(r: random.Random) -> str:
+    a, b = r.randint(0, 999), r.randint(0, 999)
+    op = r.choice("+-")
+    return f"{a}{op}{b}={a + b if op == '+' else a - b}"
+
+
+def _sorting(r: random.Random) -> str:
+    xs = [r.randint(0, 99) for _ in range(r.randint(3, 8))]
+    return f"sort {' '.join(map(str, xs))} -> {' '.join(map(str, sorted(xs)))}"
+
+
+def _reverse(r: random.Random) -> str:
+    w = "".join(r.choices(string.ascii_lowercase, k=r.randint(3, 12)))
+    return f"rev {w} -> {w[::-1]}"
+
+
+def _recall(r: random.Random) -> str:
+    keys = r.sample(string.ascii_uppercase, r.randint(3, 6))
+    pairs = {k: r.randint(0, 99) for k in keys}
+    q = r.choice(keys)
+    return f"{' '.join(f'{k}:{v}' for k, v in pairs.items())} ? {q} -> {pairs[q]}"
+
+
+_NOUNS = "cat dog bird fox child teacher farmer robot river king".split()
+_VERBS = "sees likes follows helps finds watches calls feeds".split()
+_ADJS = "big small red quiet happy old young clever".split()
+
+
+def _grammar(r: random.Random) -> str:
+    def phrase() -> str:
+        adj = f"{r.choice(_ADJS)} " if r.random() < 0.5 else ""
+        return f"{r.choice(['the', 'a'])} {adj}{r.choice(_NOUNS)}"
+
+    s = f"{phrase()} {r.choice(_VERBS)} {phrase()}"
+    if r.random() < 0.3:
+        s += f" and {phrase()}"
+    return s.capitalize() + "."
+
+
+def _code(r: random.Random) -> str:
+    f, x = r.choice("fghk"), r.choice("xyzn")
+    c = r.randint(1, 9)
+    body = r.choice([f"return {x} * {c}", f"return {x} + {c}", f"if {x} > {c}: return {x}", f"for i in range({c}): {x} += i"])
+    return f"def {f}({x}): {body}"
+
+
+DOMAINS: dict[str, Callable[[random.Random], str]] = {
+    "arithmetic": _arithmetic, "sorting": _sorting, "reverse": _reverse,
+    "recall": _recall, "grammar": _grammar, "code": _code,
+}
+
+
+def synthetic_samples(n: int, seed: int) -> list[tuple[str, int]]:
+    """`n` (text, domain index) samples, domains in turn so every domain gets n/6."""
+    r = random.Random(seed)
+    gens = list(DOMAINS.values())
+    return [(gens[i % len(gens)](r), i % len(gens)) for i in range(n)]
+
+
+def in_validation(text: str, fraction: float) -> bool:
+    """A pure function of the text: equal samples always land in the same split."""
+    h = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+    return h / 2**64 < fraction
+
+
+# ---- user's text files ------------------------------------------------------------------
+
+
+def text_files(path: Path) -> list[Path]:
+    return [path] if path.is_file() else sorted(path.glob("*.txt"))
+
+
+def file_samples(path: Path) -> tuple[list[tuple[str, int]], list[str]]:
+    """Paragraphs (blank-line separated) of each file, labelled by file."""
+    files = text_files(path)
+    samples = []
+    for d, f in enumerate(files):
+        try:
+            text = f.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"data.path: {f} is not UTF-8 text ({e})") from None
+        samples += [(p.strip(), d) for p in text.split("\n\n") if p.strip()]
+    return samples, [f.stem for f in files]
+
+
+# ---- tokenizers -------------------------------------------------------------------------
+
+
+class ByteTokenizer:
+    vocab_size = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+class BPETokenizer:
+    """Byte-level BPE trained on the training split with the `tokenizers` library."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.vocab_size = tok.get_vocab_size()
+
+    @classmethod
+    def train(cls, texts: list[str], vocab_size: int) -> "BPETokenizer":
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        tok.train_from_iterator(texts, trainer)
+        return cls(tok)
+
+    @classmethod
+    def load(cls, path: Path) -> "BPETokenizer":
+        from tokenizers import Tokenizer
+
+        return cls(Tokenizer.from_file(str(path)))
+
+    def save(self, path: Path) -> None:
+        self.tok.save(str(path))
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids)
+
+
+# ---- token streams and batches ----------------------------------------------------------
+
+
+@dataclass
+class TokenStream:
+    tokens: torch.Tensor      # (N,) int64, samples joined by newlines
+    domains: torch.Tensor     # (N,) int64, the domain of every token
+
+
+@dataclass
+class Corpus:
+    train: TokenStream
+    val: TokenStream
+    domain_names: list[str]
+    tokenizer: ByteTokenizer | BPETokenizer
+
+
+def _stream(samples: list[tuple[str, int]], tok) -> TokenStream:
+    ids, doms = [], []
+    for text, d in samples:
+        t = tok.encode(text + "\n")
+        ids += t
+        doms += [d] * len(t)
+    return TokenStream(torch.tensor(ids, dtype=torch.long), torch.tensor(doms, dtype=torch.long))
+
+
+def build_corpus(cfg: DataConfig, tokenizer_file: Path | None = None) -> Corpus:
+    """Both splits, tokenized. With BPE, `tokenizer_file` is loaded if it exists, else
+    trained on the training split and saved there (so a resumed run keeps its tokenizer)."""
+    if cfg.path is None:
+        samples, names = synthetic_samples(cfg.n_samples, cfg.seed), list(DOMAINS)
+    else:
+        samples, names = file_samples(Path(cfg.path))
+    train = [s for s in samples if not in_validation(s[0], cfg.val_fraction)]
+    val = [s for s in samples if in_validation(s[0], cfg.val_fraction)]
+    if not train or not val:
+        raise ValueError(f"data: {len(samples)} samples give an empty split; add text or change data.val_fraction")
+    if cfg.tokenizer == "byte":
+        tok = ByteTokenizer()
+    elif tokenizer_file is not None and tokenizer_file.exists():
+        tok = BPETokenizer.load(tokenizer_file)
+    else:
+        tok = BPETokenizer.train([t for t, _ in train], cfg.bpe_vocab_size)
+        if tokenizer_file is not None:
+            tok.save(tokenizer_file)
+    return Corpus(_stream(train, tok), _stream(val, tok), names, tok)
+
+
+def sample_windows(stream: TokenStream, starts: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs, next-token targets and target domains for windows starting at `starts` (any shape)."""
+    idx = starts.unsqueeze(-1) + torch.arange(seq_len + 1)   # (..., seq_len + 1)
+    tokens = stream.tokens[idx]
+    return tokens[..., :-1], tokens[..., 1:], stream.domains[idx[..., 1:]]

@@ -1,0 +1,328 @@
+"""Train a toy language model: the playground's main job.
+
+    python -m train.lm configs/lm/<name>.yaml [key.sub=value ...] [--resume | --overwrite]
+    torchrun --nproc_per_node 2 -m train.lm configs/lm/<name>.yaml      # DDP over gloo on CPU
+
+Built on accelerate, so the same script runs on CPU, on a GPU, and under
+torchrun. Writes runs/<run_name>/: config.yaml, metrics.jsonl, checkpoints/,
+loss.png and, for MoE models, expert_load.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
+from tqdm import tqdm
+
+from models.moe import MoE, MoEConfig
+from models.transformer import Transformer, TransformerConfig
+from models.validate import check
+from train import plots
+from train.checkpoint import (DONE_MARKER, RunDirError, atomic_write_text, latest_checkpoint, load_checkpoint,
+                              prepare_run_dir, save_checkpoint)
+from train.config import ConfigError, load_config, to_yaml
+from train.data import Corpus, DataConfig, build_corpus, sample_windows
+
+# ---- config -------------------------------------------------------------------------------
+
+
+@dataclass
+class OptimConfig:
+    steps: int = 600                # length of the schedule
+    stop_at: int | None = None      # stop early at this step with a checkpoint, as if pre-empted
+    batch_size: int = 16            # sequences per micro-batch per process
+    grad_accum: int = 1             # micro-batches per optimizer step
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1       # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0          # 0 = off
+    precision: str = "fp32"         # "fp32" | "bf16" (autocast)
+    seed: int = 0
+    threads: int | None = None      # torch threads per process; default: cores / processes
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "seq_len"):
+            check(getattr(self, name) >= 1, f"train.{name}={getattr(self, name)} must be >= 1")
+        check(self.lr > 0, f"train.lr={self.lr} must be > 0")
+        check(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        check(0 <= self.warmup_steps <= self.steps, f"train.warmup_steps={self.warmup_steps} must be in [0, steps={self.steps}]")
+        check(self.weight_decay >= 0 and self.grad_clip >= 0, "train.weight_decay and train.grad_clip must be >= 0")
+        check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)")
+        check(self.precision in ("fp32", "bf16"), f"train.precision={self.precision!r} must be 'fp32' or 'bf16'")
+        check(self.stop_at is None or 1 <= self.stop_at <= self.steps, f"train.stop_at={self.stop_at} must be in [1, steps={self.steps}]")
+        check(self.threads is None or self.threads >= 1, f"train.threads={self.threads} must be >= 1")
+
+
+@dataclass
+class LogConfig:
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8           # validation windows: eval_batches global batches at fixed positions
+    ckpt_every: int = 200
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("log_every", "eval_every", "eval_batches", "ckpt_every"):
+            check(getattr(self, name) >= 1, f"log.{name}={getattr(self, name)} must be >= 1")
+
+
+@dataclass
+class LMRunConfig:
+    run_name: str = "lm"
+    out_dir: str = "runs"
+    model: TransformerConfig = field(default_factory=TransformerConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)   # used by the layers model.ffn=moe makes sparse
+    data: DataConfig = field(default_factory=DataConfig)
+    train: OptimConfig = field(default_factory=OptimConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:
+        check(bool(self.run_name) and "/" not in self.run_name, f"run_name={self.run_name!r} must be a non-empty name without '/'")
+        check(self.train.seq_len <= self.model.max_seq_len,
+              f"train.seq_len={self.train.seq_len} must be <= model.max_seq_len={self.model.max_seq_len}")
+        if self.data.tokenizer == "byte":
+            check(self.model.vocab_size == 256, f"model.vocab_size={self.model.vocab_size} must be 256 with data.tokenizer=byte")
+        else:
+            check(self.model.vocab_size == self.data.bpe_vocab_size,
+                  f"model.vocab_size={self.model.vocab_size} must equal data.bpe_vocab_size={self.data.bpe_vocab_size}")
+        if self.model.ffn == "moe":
+            check(self.moe.d_model == self.model.d_model, f"moe.d_model={self.moe.d_model} must equal model.d_model={self.model.d_model}"
+                  " (configs set it with moe.d_model: ${model.d_model})")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.run_name
+
+
+# ---- pieces ------------------------------------------------------------------------------
+
+
+def build_model(cfg: LMRunConfig) -> Transformer:
+    return Transformer(cfg.model, ffn_factory=lambda layer: MoE(cfg.moe))
+
+
+def lr_at(step: int, c: OptimConfig) -> float:
+    """Multiplier of the base lr: linear warmup, then cosine down to min_lr_ratio."""
+    if step < c.warmup_steps:
+        return (step + 1) / c.warmup_steps
+    progress = (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps)
+    return c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_optimizer(model: torch.nn.Module, c: OptimConfig) -> torch.optim.AdamW:
+    # no weight decay on norms and biases (1-D tensors); the router and experts are matrices and decay
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    other = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": c.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=c.lr, betas=(c.beta1, c.beta2), fused=False)
+
+
+def aux_losses(aux: dict[int, Any]) -> dict[str, torch.Tensor]:
+    return {f"layer{i}/{name}": v for i, a in aux.items() for name, v in a.losses.items()}
+
+
+def scalar_metrics(aux: dict[int, Any]) -> dict[str, float]:
+    out = {}
+    for i, a in aux.items():
+        for name, v in a.metrics.items():
+            if torch.is_tensor(v) and v.numel() != 1:
+                continue  # per-expert vectors go to the heatmap, not the log line
+            out[f"layer{i}/{name}"] = float(v)
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, corpus: Corpus, cfg: LMRunConfig, acc: Accelerator) -> float:
+    """Mean validation loss over fixed, evenly spaced windows, split across processes."""
+    n = cfg.log.eval_batches * cfg.train.batch_size * acc.num_processes  # eval_batches global batches
+    hi = len(corpus.val.tokens) - cfg.train.seq_len - 1
+    starts = torch.linspace(0, hi, n).long()[acc.process_index::acc.num_processes]
+    model.eval()
+    total = torch.zeros(2)
+    for chunk in starts.split(cfg.train.batch_size):
+        x, y, _ = sample_windows(corpus.val, chunk, cfg.train.seq_len)
+        with acc.autocast():
+            out = model(x.to(acc.device), y.to(acc.device))
+        total += torch.tensor([out.loss.float().item() * len(chunk), len(chunk)])
+    model.train()
+    total = acc.reduce(total.to(acc.device), reduction="sum").cpu()
+    return (total[0] / total[1]).item()
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+# ---- training --------------------------------------------------------------------------------
+
+
+def train(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Train per `cfg`; returns a summary (final val loss, tokens/s, run dir, ...)."""
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if cfg.train.precision == "bf16" else "no",
+                      kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+    torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // acc.num_processes))
+    run_dir = cfg.run_dir
+    if acc.is_main_process:
+        prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    acc.wait_for_everyone()
+
+    torch.manual_seed(cfg.train.seed)
+    with acc.main_process_first():  # a BPE tokenizer is trained once, by the main process
+        corpus = build_corpus(cfg.data, run_dir / "tokenizer.json")
+    model = build_model(cfg)
+    opt = build_optimizer(model, cfg.train)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg.train))
+    data_gen = torch.Generator().manual_seed(cfg.train.seed)  # same draws on every rank; each takes its slice
+
+    step = 0
+    if resume:
+        weights, state = load_checkpoint(latest_checkpoint(run_dir))
+        model.load_state_dict(weights)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        data_gen.set_state(state["data_rng"])
+        step = int(state["step"])
+        if acc.is_main_process:  # forget what was logged after the checkpoint; it is about to be redone
+            kept = [m for m in plots.read_metrics(run_dir / "metrics.jsonl") if m["step"] <= step]
+            atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in kept))
+            (run_dir / DONE_MARKER).unlink(missing_ok=True)
+
+    moe_layers = [m for m in model.modules() if isinstance(m, MoE)]
+    model, opt = acc.prepare(model, opt)
+    c, log = cfg.train, cfg.log
+    world, rank = acc.num_processes, acc.process_index
+    tokens_per_step = c.batch_size * c.grad_accum * world * c.seq_len
+    n_windows = len(corpus.train.tokens) - c.seq_len - 1
+    expert_load = {i: 0 for i, b in enumerate(acc.unwrap_model(model).blocks) if isinstance(b.ffn, MoE)}
+    last_step = c.stop_at or c.steps
+    metrics_file = run_dir / "metrics.jsonl"
+    bar = tqdm(total=last_step, initial=step, disable=not (log.progress and acc.is_main_process), desc=cfg.run_name, unit="step")
+    t_window, tok_window, val_loss = time.perf_counter(), 0, None
+
+    def checkpoint() -> None:
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
+                     "data_rng": data_gen.get_state(), "step": step}
+            save_checkpoint(run_dir, step, acc.unwrap_model(model).state_dict(), state)
+
+    while step < last_step:
+        # one flat draw for the global batch, so 1 process x 2b and 2 processes x b see the same windows
+        starts = torch.randint(n_windows, (c.grad_accum * world * c.batch_size,), generator=data_gen)
+        starts = starts.view(c.grad_accum, world, c.batch_size)[:, rank]
+        loss_sum = torch.zeros(())
+        for micro in range(c.grad_accum):
+            x, y, _ = sample_windows(corpus.train, starts[micro], c.seq_len)
+            sync = micro == c.grad_accum - 1
+            with acc.no_sync(model) if not sync else nullcontext(), acc.autocast():
+                out = model(x.to(acc.device), y.to(acc.device))
+                losses = aux_losses(out.aux)
+                objective = out.loss + sum(losses.values(), torch.zeros((), device=out.loss.device))
+                acc.backward(objective / c.grad_accum)
+            loss_sum += out.loss.detach().float().cpu()
+            for i in expert_load:
+                expert_load[i] = expert_load[i] + out.aux[i].metrics["tokens_per_expert"].float().cpu()
+        # mean over ranks: the logged loss is the global batch's, and every rank sees a NaN together
+        train_loss = acc.reduce(loss_sum.to(acc.device) / c.grad_accum, reduction="mean").item()
+        if not math.isfinite(train_loss):
+            good = latest_checkpoint(run_dir)
+            raise NonFiniteLoss(f"loss became {train_loss} at step {step + 1}; stopped. "
+                                f"Last good checkpoint: {good if good else 'none yet'}")
+        if c.grad_clip > 0:
+            acc.clip_grad_norm_(model.parameters(), c.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        for layer in moe_layers:
+            layer.update_bias()
+        step += 1
+        tok_window += tokens_per_step
+        bar.update(1)
+
+        if step % log.eval_every == 0 or step == c.steps:
+            val_loss = evaluate(model, corpus, cfg, acc)
+        if step % log.log_every == 0 or step == last_step or val_loss is not None:
+            now = time.perf_counter()
+            row = {"step": step, "tokens": step * tokens_per_step, "train_loss": round(train_loss, 5),
+                   "lr": sched.get_last_lr()[0], "tokens_per_s": round(tok_window / (now - t_window), 1)}
+            if val_loss is not None:
+                row["val_loss"] = round(val_loss, 5)
+            row.update({k: round(float(v), 6) for k, v in losses.items()})
+            row.update({k: round(v, 5) for k, v in scalar_metrics(out.aux).items()})
+            if acc.is_main_process:
+                with metrics_file.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                     for k, v in row.items() if "/" not in k))
+            t_window, tok_window, val_loss = now, 0, None
+        if step % log.ckpt_every == 0 or step == last_step:
+            checkpoint()
+    bar.close()
+
+    metrics = plots.read_metrics(metrics_file) if acc.is_main_process else []
+    summary = {"run_dir": str(run_dir), "step": step, "finished": step == c.steps}
+    base = acc.unwrap_model(model)
+    summary.update(params=base.num_parameters(), active_params=base.active_parameters(),
+                   flops_per_token=base.flops_per_token(c.seq_len))
+    if acc.is_main_process:
+        vals = [m["val_loss"] for m in metrics if "val_loss" in m]
+        speeds = [m["tokens_per_s"] for m in metrics[1:]] or [m["tokens_per_s"] for m in metrics]
+        summary.update(final_val_loss=vals[-1] if vals else None, tokens_per_s=sorted(speeds)[len(speeds) // 2])
+        plots.loss_curve(metrics, run_dir / "loss.png", cfg.run_name)
+        if expert_load:
+            rows = [(load / load.sum()).tolist() for load in expert_load.values()]
+            plots.heatmap(rows, [f"layer {i}" for i in expert_load], "expert", run_dir / "expert_load.png",
+                          "share of routed tokens per expert", "share")
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+        if summary["finished"]:
+            atomic_write_text(run_dir / DONE_MARKER, "")
+    acc.wait_for_everyone()
+    acc.end_training()
+    return summary
+
+
+# ---- command line ----------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.lm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="YAML config, e.g. configs/lm/deepseekmoe.yaml")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=100 model.n_layer=2")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue runs/<run_name> from its last checkpoint")
+    g.add_argument("--overwrite", action="store_true", help="delete an existing runs/<run_name> and start again")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(LMRunConfig, args.config, args.overrides)
+        summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    except (ConfigError, RunDirError, NonFiniteLoss, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary))
+        print(f"final val loss {summary['final_val_loss']} | {summary['tokens_per_s']:.0f} tokens/s | "
+              f"{summary['params'] / 1e6:.2f}M params ({summary['active_params'] / 1e6:.2f}M active) | run dir {summary['run_dir']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
