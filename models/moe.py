@@ -248,7 +248,7 @@ class Router(nn.Module):
             idx_TK = choice_TE.topk(cfg.experts_per_token, dim=-1).indices
         scores_TK = scores_TE.gather(1, idx_TK)
         weights_TK = scores_TK
-        if False:
+        if cfg.norm_topk:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
         return Routing(logits_TE, scores_TE, probs_TE, idx_TK, weights_TK * cfg.route_scale, scores_TK.detach())
 
