@@ -63,18 +63,16 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-def rotary_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of position * frequency, shape (max_len, head_dim / 2)."""
+def rotary_table(head_dim: int, max_len: int, theta: float) -> torch.Tensor:
+    """exp(i * position * frequency) as complex numbers, shape (max_len, head_dim / 2)."""
     freqs = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles_LH = torch.outer(torch.arange(max_len, dtype=torch.float32), freqs)
-    return angles_LH.cos(), angles_LH.sin()
+    return torch.polar(torch.ones(max_len, head_dim // 2), torch.outer(torch.arange(max_len, dtype=torch.float32), freqs))
 
 
-def apply_rotary(x_BNTH: torch.Tensor, cos_TH: torch.Tensor, sin_TH: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive pairs (x1, x2) of every head by the position's angle."""
-    x1, x2 = x_BNTH.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (B, N, T, H/2)
-    rotated = torch.stack((x1 * cos_TH - x2 * sin_TH, x1 * sin_TH + x2 * cos_TH), dim=-1)
-    return rotated.flatten(-2).type_as(x_BNTH)
+def apply_rotary(x_BNTH: torch.Tensor, rot_TH: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs (x1, x2) of every head by the position's angle: one complex product."""
+    x_BNTh = torch.view_as_complex(x_BNTH.float().unflatten(-1, (-1, 2)))  # (B, N, T, H/2) complex
+    return torch.view_as_real(x_BNTh * rot_TH).flatten(-2).type_as(x_BNTH)
 
 
 class CausalSelfAttention(nn.Module):
@@ -84,11 +82,11 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x_BTD: torch.Tensor, cos_TH: torch.Tensor, sin_TH: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, rot_TH: torch.Tensor) -> torch.Tensor:
         B, T, D = x_BTD.shape
         # (B, T, 3D) -> 3 x (B, n_head, T, head_dim)
         q, k, v = self.qkv(x_BTD).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = apply_rotary(q, cos_TH, sin_TH), apply_rotary(k, cos_TH, sin_TH)
+        q, k = apply_rotary(q, rot_TH), apply_rotary(k, rot_TH)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(B, T, D))
 
@@ -115,8 +113,8 @@ class Block(nn.Module):
         self.ffn = ffn
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x_BTD: torch.Tensor, cos_TH: torch.Tensor, sin_TH: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        x_BTD = x_BTD + self.drop(self.attn(self.attn_norm(x_BTD), cos_TH, sin_TH))
+    def forward(self, x_BTD: torch.Tensor, rot_TH: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        x_BTD = x_BTD + self.drop(self.attn(self.attn_norm(x_BTD), rot_TH))
         out = self.ffn(self.ffn_norm(x_BTD))
         y_BTD, aux = out if isinstance(out, tuple) else (out, None)
         return x_BTD + self.drop(y_BTD), aux
@@ -143,9 +141,8 @@ class Transformer(nn.Module):
         if cfg.ffn != "dense" and ffn_factory is None:
             raise ValueError(f"model.ffn={cfg.ffn!r} needs an ffn_factory for its sparse layers")
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        cos, sin = rotary_tables(cfg.d_model // cfg.n_head, cfg.max_seq_len, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        rot = rotary_table(cfg.d_model // cfg.n_head, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope", rot, persistent=False)
         self.apply(self._init)
         # scale the residual-branch outputs down with depth (GPT-2), so the stream's variance stays put
         for name, p in self.named_parameters():
@@ -163,10 +160,10 @@ class Transformer(nn.Module):
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
         x_BTD = self.drop(self.embed(idx_BT))
-        cos_TH, sin_TH = self.rope_cos[:T], self.rope_sin[:T]
+        rot_TH = self.rope[:T]
         aux = {}
         for i, block in enumerate(self.blocks):
-            x_BTD, aux[i] = block(x_BTD, cos_TH, sin_TH)
+            x_BTD, aux[i] = block(x_BTD, rot_TH)
         logits = F.linear(self.norm(x_BTD), self.embed.weight)  # tied embeddings
         loss = None
         if targets_BT is not None:

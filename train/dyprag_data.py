@@ -117,7 +117,8 @@ def load_docs_jsonl(path: str | Path) -> list[Doc]:
     return docs
 
 
-def write_docs_jsonl(path: Path, docs: list[Doc]) -> str:
+def docs_jsonl(docs: list[Doc]) -> str:
+    """The JSONL text `load_docs_jsonl` reads back."""
     return "".join(json.dumps(d.to_json()) + "\n" for d in docs)
 
 
@@ -234,20 +235,21 @@ def make_knowledge_set(n_train: int, n_test: int, n_known: int, seed: int) -> Kn
 def pretrain_sample(rng: random.Random, known: list[Entity]) -> tuple[str, str]:
     """One sample of a mixture that teaches the two prompt formats and document text.
 
-    45% reading comprehension on a fresh entity (any wording, passage or rewrite
-    style): answering must come from the passage. 25% closed-book QA on a known
-    entity (any wording): answering must come from the weights. 30% plain text
-    of a known entity's document, so facts can enter the weights from text, as
-    PRAG later needs.
+    60% reading comprehension on a fresh entity (any wording, passage or rewrite
+    style): answering must come from the passage (the hardest skill for a tiny
+    model, so it gets the most samples). 20% closed-book QA on a known entity
+    (any wording): answering must come from the weights. 20% plain text of a
+    known entity's document, so facts can enter the weights from text, as PRAG
+    later needs.
     """
     u = rng.random()
-    if u < 0.45:
+    if u < 0.6:
         e = _entity(rng)
         k = rng.choice(list(_FACTS))
         q = _FACTS[k][1][rng.randrange(3)].format(n=e.name)
         return qa_prompt(q, _text(e, rng.randrange(2), rng)), qa_target(getattr(e, k))
     e = rng.choice(known)
-    if u < 0.70:
+    if u < 0.8:
         k = rng.choice(list(_FACTS))
         return qa_prompt(_FACTS[k][1][rng.randrange(3)].format(n=e.name)), qa_target(getattr(e, k))
     return "", _text(e, rng.randrange(2), rng) + EOS

@@ -41,3 +41,37 @@ def heatmap(rows: list[list[float]], row_labels: list[str], xlabel: str, out: Pa
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def band_curves(curves: dict[str, tuple[list[int], list[float], list[float]]], out: Path, title: str, ylabel: str) -> None:
+    """One line per name (x, mean, std) with a ± std band, e.g. validation loss of every sweep variant."""
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for name, (x, mean, std) in curves.items():
+        (line,) = ax.plot(x, mean, "o-", ms=3, label=name)
+        ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                        color=line.get_color(), alpha=0.2)
+    ax.set(xlabel="step", ylabel=ylabel, title=title)
+    finals = [mean[-1] for _, mean, _ in curves.values()]
+    spread = max(finals) - min(finals)
+    # zoom on the end of training, where the variants differ; the first evals run off the top
+    ax.set_ylim(min(finals) - 0.3 * spread - 0.02, min(finals) + max(0.5, 4 * spread))
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+
+
+def bar_chart(names: list[str], means: list[float], stds: list[float], out: Path, title: str, ylabel: str) -> None:
+    """Bars with ± std error bars, the y axis zoomed to the range of the bars."""
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.9 * len(names) + 1.5), 3.6))
+    ax.bar(range(len(names)), means, yerr=stds, capsize=4, color="tab:blue", alpha=0.8)
+    ax.set_xticks(range(len(names)), names, rotation=25 if len(names) > 3 else 0, ha="right" if len(names) > 3 else "center",
+                  fontsize=8)
+    lo, hi = min(m - s for m, s in zip(means, stds)), max(m + s for m, s in zip(means, stds))
+    ax.set_ylim(lo - 0.3 * (hi - lo) - 1e-3, hi + 0.1 * (hi - lo) + 1e-3)
+    ax.set(ylabel=ylabel, title=title)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
