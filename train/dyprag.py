@@ -8,7 +8,7 @@ Stages, each finished by a marker `stages/<name>.json` in the run directory, so
 running the same command again resumes after the last finished stage:
   data                 documents (synthetic fictional people, or JSONL files)
   base                 tokenizer + tiny Llama pretrained on the synthetic corpus
-                       (skipped when base.path names a local model)
+                       (skipped when model.path names a local model)
   prag                 one LoRA per training and test document (stage 1)
   translator_<design>  one parameter translator per design (stage 2)
   eval                 the comparison on held-out documents (stage 3)
@@ -72,7 +72,7 @@ class Run:
 
     @property
     def base_dir(self) -> Path:
-        return Path(self.cfg.base.path) if self.cfg.base.path else self.root / "base_model"
+        return Path(self.cfg.model.path) if self.cfg.model.path else self.root / "base_model"
 
     def docs(self, split: str):
         return load_docs_jsonl(self.root / "data" / f"{split}.jsonl")
@@ -109,8 +109,8 @@ def check_inputs(cfg: DyPragConfig) -> None:
     if cfg.data.source == "jsonl":
         for f in (cfg.data.train_file, cfg.data.test_file):
             load_docs_jsonl(f)
-    if cfg.base.path:
-        model, _ = load_base(cfg.base.path)
+    if cfg.model.path:
+        model, _ = load_base(cfg.model.path)
         find_lora_targets(model, cfg.prag.target_modules)
     else:  # the tiny Llama's Linear names, from a throwaway instance
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -140,14 +140,14 @@ def stage_data(run: Run) -> dict:
 
 
 def stage_base(run: Run) -> dict:
-    c = run.cfg.base
+    c = run.cfg.model
     if c.path:
         return {"base_model": c.path, "pretrained_here": False}
     from train.dyprag_data import Entity
 
     known = [Entity(**e) for e in json.loads((run.root / "data" / "known_entities.json").read_text())]
     if not known:
-        raise ValueError("pretraining the tiny base model needs the synthetic data source (or set base.path)")
+        raise ValueError("pretraining the tiny base model needs the synthetic data source (or set model.path)")
     tokenizer = train_tokenizer(tokenizer_corpus(4000, run.cfg.data.seed, run.docs("train") + run.docs("test")), c.vocab_size)
     torch.manual_seed(run.cfg.data.seed)
     model = build_tiny_llama(tokenizer, c.hidden, c.layers, c.heads, c.intermediate, c.max_len)
@@ -166,7 +166,7 @@ def stage_prag(run: Run) -> dict:
     model, tokenizer = load_base(run.base_dir)
     info = {}
     for split in ("train", "test"):
-        loras, s_per_doc = train_doc_loras(model, tokenizer, run.docs(split), c, run.cfg.base.max_len, desc=f"PRAG LoRAs ({split})")
+        loras, s_per_doc = train_doc_loras(model, tokenizer, run.docs(split), c, run.cfg.model.max_len, desc=f"PRAG LoRAs ({split})")
         path = run.root / "prag" / f"{split}.safetensors"
         atomic_write(path, lambda tmp: save_loras(tmp, stack_loras(loras)))
         info[f"{split}_s_per_doc"] = s_per_doc
@@ -176,7 +176,7 @@ def stage_prag(run: Run) -> dict:
     docs = run.docs("test")[: c.time_peft_docs]
     t0 = time.perf_counter()
     for d in docs:
-        train_peft(model, tokenizer, d, target_modules=c.target_modules, rank=c.rank, alpha=c.alpha, lr=c.lr, epochs=c.epochs, seed=c.init_seed, max_len=run.cfg.base.max_len)
+        train_peft(model, tokenizer, d, target_modules=c.target_modules, rank=c.rank, alpha=c.alpha, lr=c.lr, epochs=c.epochs, seed=c.init_seed, max_len=run.cfg.model.max_len)
     info["peft_sequential_s_per_doc"] = (time.perf_counter() - t0) / max(1, len(docs))
     return info
 
@@ -212,7 +212,7 @@ def stage_translator(run: Run, design: str) -> dict:
         rng.shuffle(order)
         for start in range(0, len(order), c.batch_docs):
             idx = order[start : start + c.batch_docs]
-            batch, doc_of_row = qa_batch(tokenizer, [docs[i] for i in idx], run.cfg.base.max_len)
+            batch, doc_of_row = qa_batch(tokenizer, [docs[i] for i in idx], run.cfg.model.max_len)
             rows = torch.tensor(doc_of_row)
             generated = translator(emb_ND[idx])
             gen_rows = {n: (A[rows], B[rows]) for n, (A, B) in generated.items()}
@@ -283,7 +283,7 @@ def generate(run_dir: Path, doc_file: Path, out_dir: Path, design: str | None, t
         translator_path = run_dir / "translator" / f"{design}.safetensors"
         if not translator_path.is_file():
             raise ValueError(f"{run_dir} has no trained translator for design {design!r} ({translator_path}); finish the run first")
-    base_dir = Path(cfg.base.path) if cfg.base.path else run_dir / "base_model"
+    base_dir = Path(cfg.model.path) if cfg.model.path else run_dir / "base_model"
     model, tokenizer = load_base(base_dir)
     targets = find_lora_targets(model, cfg.prag.target_modules)
     translator = load_translator(translator_path, targets, model.config.hidden_size)

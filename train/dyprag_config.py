@@ -50,9 +50,9 @@ class BaseConfig:
 
     def __post_init__(self):
         for k in ("vocab_size", "hidden", "layers", "heads", "intermediate", "max_len", "steps", "batch_size"):
-            check(getattr(self, k) >= 1, f"base.{k}={getattr(self, k)} must be >= 1")
-        check(self.hidden % self.heads == 0, f"base.hidden={self.hidden} must be divisible by base.heads={self.heads}")
-        check(self.lr > 0, f"base.lr={self.lr} must be > 0")
+            check(getattr(self, k) >= 1, f"model.{k}={getattr(self, k)} must be >= 1")
+        check(self.hidden % self.heads == 0, f"model.hidden={self.hidden} must be divisible by model.heads={self.heads}")
+        check(self.lr > 0, f"model.lr={self.lr} must be > 0")
 
 
 @dataclass
@@ -116,7 +116,7 @@ class DyPragConfig:
     results_out: str = ""  # also copy results.md here (docs/results/dyprag.md for the default run)
     threads: int = 2
     data: DataConfig = field(default_factory=DataConfig)
-    base: BaseConfig = field(default_factory=BaseConfig)
+    model: BaseConfig = field(default_factory=BaseConfig)  # the base LM
     prag: PragConfig = field(default_factory=PragConfig)
     translator: TranslatorTrainConfig = field(default_factory=TranslatorTrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

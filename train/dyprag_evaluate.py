@@ -59,7 +59,7 @@ def evaluate_run(run) -> dict:
     model, tokenizer = load_base(run.base_dir)
     targets = find_lora_targets(model, cfg.prag.target_modules)
     scaling = cfg.prag.alpha / cfg.prag.rank
-    gen = dict(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, max_len=cfg.base.max_len)
+    gen = dict(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, max_len=cfg.model.max_len)
     splits = {"test": run.docs("test"), "train": run.docs("train")[: len(run.docs("test"))]}
     prag = {"test": load_loras(run.root / "prag" / "test.safetensors")}
     train_all = load_loras(run.root / "prag" / "train.safetensors")

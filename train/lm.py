@@ -266,7 +266,7 @@ def train(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = False) ->
                    "lr": sched.get_last_lr()[0], "tokens_per_s": round(tok_window / (now - t_window), 1)}
             if val_loss is not None:
                 row["val_loss"] = round(val_loss, 5)
-            row.update({k: round(float(v), 6) for k, v in losses.items()})
+            row.update({k: round(v.item(), 6) for k, v in losses.items()})
             row.update({k: round(v, 5) for k, v in scalar_metrics(out.aux).items()})
             if acc.is_main_process:
                 with metrics_file.open("a") as f:

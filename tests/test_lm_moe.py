@@ -1,0 +1,67 @@
+"""The MoE layer inside the toy LM and its trainer."""
+
+import json
+from pathlib import Path
+
+import torch
+
+from models.moe import MoE
+from models.transformer import SwiGLU
+from train import checkpoint as ckpt
+from train.config import load_config
+from train.lm import LMRunConfig, build_model, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_configs_have_equal_active_parameters():
+    dense = build_model(load_config(LMRunConfig, ROOT / "configs/lm/dense.yaml")).active_parameters()
+    for name in ("gshard", "deepseekmoe"):
+        model = build_model(load_config(LMRunConfig, ROOT / f"configs/lm/{name}.yaml"))
+        routers = sum(m.router.weight.numel() for m in model.modules() if isinstance(m, MoE))
+        # every token uses as many expert weights as the dense FFN; only the routers are extra
+        assert model.active_parameters() == dense + routers, name
+        assert model.num_parameters() > 1.5 * model.active_parameters()
+
+
+def test_layer_placement_follows_first_k_dense_and_frequency():
+    cfg = load_config(LMRunConfig, ROOT / "configs/lm/tiny.yaml",
+                      ["model.n_layer=5", "model.ffn=moe", "model.first_k_dense=1", "model.moe_layer_freq=2",
+                       "moe.n_routed_experts=4", "moe.expert_hidden=16", "moe.top_k=1"])
+    kinds = [type(b.ffn) for b in build_model(cfg).blocks]
+    assert kinds == [SwiGLU, MoE, SwiGLU, MoE, SwiGLU]
+
+
+def test_trainer_adds_aux_losses_logs_layer_metrics_and_steps_the_bias(tmp_path):
+    cfg = load_config(LMRunConfig, ROOT / "configs/lm/tiny.yaml", [
+        f"out_dir={tmp_path}", "train.steps=20", "model.ffn=moe", "model.first_k_dense=1",
+        "moe.n_routed_experts=4", "moe.expert_hidden=32", "moe.top_k=2", "moe.balance_alpha=0.01",
+        "moe.z_loss_coef=0.001", "moe.bias_update_rate=0.01"])
+    summary = train(cfg)
+    run = Path(summary["run_dir"])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last = rows[-1]
+    assert "layer0/balance_loss" not in last, "layer 0 is dense"
+    assert 0 < last["layer1/balance_loss"] < 0.1 and last["layer1/z_loss"] > 0
+    assert {"layer1/max_vio", "layer1/drop_fraction", "layer1/router_entropy"} <= last.keys()
+    assert (run / "expert_load.png").exists()
+    assert summary["active_params"] < summary["params"]
+    weights, _ = ckpt.load_checkpoint(ckpt.latest_checkpoint(run))
+    bias = weights["blocks.1.ffn.router.expert_bias"]
+    assert bias.abs().sum() > 0, "20 bias steps of 0.01 should have moved the bias"
+    assert abs(bias.mean().item()) < 1e-6, "the bias is re-centred to mean zero"
+
+
+def test_balance_loss_reaches_the_router_gradient():
+    cfg = load_config(LMRunConfig, ROOT / "configs/lm/tiny.yaml",
+                      ["model.ffn=moe", "moe.n_routed_experts=4", "moe.expert_hidden=16", "moe.top_k=1"])
+    idx = torch.randint(256, (2, 16))
+    grads = []
+    for alpha in (0.0, 10.0):
+        torch.manual_seed(0)
+        cfg.moe.balance_alpha = alpha
+        model = build_model(cfg)
+        out = model(idx, idx)
+        (out.loss + sum(v for a in out.aux.values() for v in a.losses.values())).backward()
+        grads.append(model.blocks[0].ffn.router.weight.grad.clone())
+    assert not torch.allclose(grads[0], grads[1])
