@@ -72,7 +72,7 @@ def test_refuses_to_overwrite_a_finished_run(tmp_path, capsys):
     assert main([TINY, f"out_dir={tmp_path}"]) == 2
     assert "already holds a finished run" in capsys.readouterr().err
     assert (tmp_path / "tiny/metrics.jsonl").read_text() == before
-    assert main([TINY, f"out_dir={tmp_path}", "train.steps=10", "--overwrite"]) == 0
+    assert main([TINY, "--overwrite", f"out_dir={tmp_path}", "train.steps=10"]) == 0  # flags may sit among overrides
     assert metrics(tmp_path / "tiny")[-1]["step"] == 10
 
 

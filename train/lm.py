@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue runs/<run_name> from its last checkpoint")
     g.add_argument("--overwrite", action="store_true", help="delete an existing runs/<run_name> and start again")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     try:
         cfg = load_config(LMRunConfig, args.config, args.overrides)
         summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
