@@ -150,6 +150,20 @@ def test_bad_config_fails_before_writing(tmp_path, capsys, overrides, message):
     assert not any(tmp_path.iterdir()), "nothing may be written for a bad config"
 
 
+def test_too_little_data_fails_before_writing(tmp_path, capsys):
+    (tmp_path / "short.txt").write_text("only a few words here\n" * 3)
+    out = tmp_path / "runs"
+    assert main([TINY, f"out_dir={out}", f"data.path={tmp_path / 'short.txt'}", "data.val_fraction=0.5"]) == 2
+    assert "split" in capsys.readouterr().err and not out.exists()
+
+
+def test_bpe_run_saves_its_tokenizer_and_resumes_with_it(tmp_path):
+    overrides = ["data.tokenizer=bpe", "data.bpe_vocab_size=300", "model.vocab_size=300"]
+    train(tiny(tmp_path, "train.stop_at=10", *overrides))
+    assert (tmp_path / "tiny/tokenizer.json").exists()
+    assert train(tiny(tmp_path, *overrides), resume=True)["finished"]
+
+
 def test_missing_config_file_and_bad_base(tmp_path, capsys):
     assert main([str(tmp_path / "nope.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err

@@ -43,27 +43,31 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """Check that `run_dir` may be used; only `overwrite` deletes anything.
+def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Raise RunDirError unless `run_dir` may be used as asked; touches nothing.
 
     A new or empty folder is fine. An existing run needs `resume` (continue it)
     or `overwrite` (start again, deleting it); otherwise we refuse, naming both.
     """
     if resume and overwrite:
         raise RunDirError("resume and overwrite exclude each other: pick one")
-    exists = run_dir.is_dir() and any(run_dir.iterdir())
     if resume:
         if latest_checkpoint(run_dir) is None:
             raise RunDirError(f"cannot resume {run_dir}: it has no checkpoint")
-        return
-    if exists and not overwrite:
+    elif run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
         state = "a finished run" if (run_dir / DONE_MARKER).exists() else "an unfinished run"
         raise RunDirError(
-            f"{run_dir} already holds {state}; pass resume=true to continue it "
-            "or overwrite=true to delete it and start again (or choose another run_name)"
+            f"{run_dir} already holds {state}; continue it with --resume, delete it and start "
+            "again with --overwrite, or choose another run_name"
         )
-    if exists:
+
+
+def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """`check_run_dir`, then create the folder; only `overwrite` deletes an existing run."""
+    check_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    if overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -121,7 +121,7 @@ def text_files(path: Path) -> list[Path]:
 
 
 def file_samples(path: Path) -> tuple[list[tuple[str, int]], list[str]]:
-    """Paragraphs (blank-line separated) of each file, labelled by file."""
+    """Paragraphs (blank-line separated; lines if a file has few) of each file, labelled by file."""
     files = text_files(path)
     samples = []
     for d, f in enumerate(files):
@@ -129,7 +129,10 @@ def file_samples(path: Path) -> tuple[list[tuple[str, int]], list[str]]:
             text = f.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             raise ValueError(f"data.path: {f} is not UTF-8 text ({e})") from None
-        samples += [(p.strip(), d) for p in text.split("\n\n") if p.strip()]
+        parts = text.split("\n\n")
+        if len(parts) < 20:  # not written in paragraphs: take lines as samples
+            parts = text.splitlines()
+        samples += [(p.strip(), d) for p in parts if p.strip()]
     return samples, [f.stem for f in files]
 
 
@@ -207,8 +210,8 @@ def _stream(samples: list[tuple[str, int]], tok) -> TokenStream:
 
 
 def build_corpus(cfg: DataConfig, tokenizer_file: Path | None = None) -> Corpus:
-    """Both splits, tokenized. With BPE, `tokenizer_file` is loaded if it exists, else
-    trained on the training split and saved there (so a resumed run keeps its tokenizer)."""
+    """Both splits, tokenized. With BPE, `tokenizer_file` is loaded if given (a resumed run
+    keeps its tokenizer), else a tokenizer is trained on the training split."""
     if cfg.path is None:
         samples, names = synthetic_samples(cfg.n_samples, cfg.seed), list(DOMAINS)
     else:
@@ -219,12 +222,10 @@ def build_corpus(cfg: DataConfig, tokenizer_file: Path | None = None) -> Corpus:
         raise ValueError(f"data: {len(samples)} samples give an empty split; add text or change data.val_fraction")
     if cfg.tokenizer == "byte":
         tok = ByteTokenizer()
-    elif tokenizer_file is not None and tokenizer_file.exists():
+    elif tokenizer_file is not None:
         tok = BPETokenizer.load(tokenizer_file)
     else:
         tok = BPETokenizer.train([t for t, _ in train], cfg.bpe_vocab_size)
-        if tokenizer_file is not None:
-            tok.save(tokenizer_file)
     return Corpus(_stream(train, tok), _stream(val, tok), names, tok)
 
 

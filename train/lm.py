@@ -30,8 +30,8 @@ from models.moe import MoE, MoEConfig
 from models.transformer import Transformer, TransformerConfig
 from models.validate import check
 from train import plots
-from train.checkpoint import (DONE_MARKER, RunDirError, atomic_write_text, latest_checkpoint, load_checkpoint,
-                              prepare_run_dir, save_checkpoint)
+from train.checkpoint import (DONE_MARKER, RunDirError, atomic_write_text, check_run_dir, latest_checkpoint,
+                              load_checkpoint, prepare_run_dir, save_checkpoint)
 from train.config import ConfigError, load_config, to_yaml
 from train.data import Corpus, DataConfig, build_corpus, sample_windows
 
@@ -178,15 +178,22 @@ def train(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = False) ->
                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
     torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // acc.num_processes))
     run_dir = cfg.run_dir
+    # everything that can fail on bad input happens before the run directory is touched
+    check_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    tokenizer_file = run_dir / "tokenizer.json" if resume and cfg.data.tokenizer == "bpe" else None
+    corpus = build_corpus(cfg.data, tokenizer_file)
+    for split, stream in (("training", corpus.train), ("validation", corpus.val)):
+        if len(stream.tokens) < cfg.train.seq_len + 2:
+            raise ValueError(f"data: the {split} split has {len(stream.tokens)} tokens, fewer than train.seq_len + 2 = "
+                             f"{cfg.train.seq_len + 2}; add text, raise data.val_fraction or lower train.seq_len")
     if acc.is_main_process:
         prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
-        run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+        if cfg.data.tokenizer == "bpe" and not resume:
+            corpus.tokenizer.save(run_dir / "tokenizer.json")
     acc.wait_for_everyone()
 
     torch.manual_seed(cfg.train.seed)
-    with acc.main_process_first():  # a BPE tokenizer is trained once, by the main process
-        corpus = build_corpus(cfg.data, run_dir / "tokenizer.json")
     model = build_model(cfg)
     opt = build_optimizer(model, cfg.train)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg.train))
