@@ -246,12 +246,15 @@ def stage_eval(run: Run) -> dict:
 # entry points
 
 
-def run_pipeline(cfg: DyPragConfig) -> Path:
-    run = open_run(cfg)
+def run_pipeline(run: Run) -> Path:
+    cfg = run.cfg
     torch.set_num_threads(cfg.threads)
     stages = [("data", lambda: stage_data(run)), ("base", lambda: stage_base(run)), ("prag", lambda: stage_prag(run))]
     stages += [(f"translator_{d}", lambda d=d: stage_translator(run, d)) for d in cfg.translator.designs]
     stages += [("eval", lambda: stage_eval(run))]
+    first_todo = next((i for i, (name, _) in enumerate(stages) if run.done(name) is None), len(stages))
+    for name, _ in stages[first_todo:]:  # later stages depend on the one that is missing: redo them
+        (run.root / STAGES_DIR / f"{name}.json").unlink(missing_ok=True)
     for name, fn in stages:
         if run.done(name) is not None:
             print(f"[dyprag] stage {name}: already done, skipped", flush=True)
@@ -326,10 +329,12 @@ def main(argv: list[str] | None = None) -> int:
             a = p.parse_args(argv)
             cfg = load_config(DyPragConfig, a.config, a.overrides)
             check_inputs(cfg)
-            run_pipeline(cfg)
+            run = open_run(cfg)
     except (ConfigError, RunDirError, TranslatorMismatchError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if argv and argv[0] not in ("generate", "report"):
+        run_pipeline(run)
     return 0
 
 

@@ -25,7 +25,8 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _load(run: Path) -> tuple[dict, dict]:
-    stages = {p.stem: json.loads(p.read_text()) for p in sorted((run / "stages").glob("*.json"))}
+    # in the order they finished, which is the pipeline's order
+    stages = {p.stem: json.loads(p.read_text()) for p in sorted((run / "stages").glob("*.json"), key=lambda p: p.stat().st_mtime)}
     return stages, json.loads((run / "eval" / "results.json").read_text())
 
 

@@ -1,0 +1,236 @@
+"""DyPRAG pipeline end to end on the smoke config, plus its pieces and its input checks.
+
+One smoke run (module fixture) is interrupted before its evaluation stage and
+resumed; the tests then read what it wrote.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.lora import factored_lora, load_loras
+from models.translator import ParameterTranslator, TranslatorConfig, embed_documents, load_translator, save_translator
+from train import dyprag
+from train.dyprag_base import load_base
+from train.dyprag_data import load_docs_jsonl, make_knowledge_set
+from train.dyprag_eval import delta_matrix, exact_match, f1_score, mean_lora, normalize_answer
+from train.dyprag_prag import initial_lora, train_batched, train_peft
+
+SMOKE = "configs/dyprag/smoke.yaml"
+STAGES = ["data", "base", "prag", "translator_shared", "translator_per_module", "eval"]
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """Run the smoke config, killed at the start of evaluation, then run it again."""
+    runs = tmp_path_factory.mktemp("runs")
+    args = [SMOKE, f"runs_dir={runs}"]
+
+    def crash(run):
+        raise Interrupted
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(dyprag, "stage_eval", crash)
+    with pytest.raises(Interrupted):
+        dyprag.main(args)
+    mp.undo()
+    run = runs / "dyprag_smoke"
+    before = {s: (run / "stages" / f"{s}.json").stat().st_mtime_ns for s in STAGES[:-1]}
+    assert not (run / "stages" / "eval.json").exists()
+    assert dyprag.main(args) == 0
+    return {"runs": runs, "run": run, "args": args, "before": before}
+
+
+def _err(capsys, argv) -> str:
+    assert dyprag.main(argv) == 2
+    return capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# the run and its outputs
+
+
+def test_resume_skips_finished_stages(smoke, capsys):
+    run = smoke["run"]
+    after = {s: (run / "stages" / f"{s}.json").stat().st_mtime_ns for s in STAGES[:-1]}
+    assert after == smoke["before"], "stages finished before the interruption were redone"
+    assert (run / "stages" / "eval.json").is_file()
+    # a third run has nothing left to do but still prints the tables
+    eval_mtime = (run / "stages" / "eval.json").stat().st_mtime_ns
+    assert dyprag.main(smoke["args"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"stage {s}: already done, skipped" in out for s in STAGES)
+    assert "| Standard RAG |" in out
+    assert (run / "stages" / "eval.json").stat().st_mtime_ns == eval_mtime
+
+
+def test_tables_have_all_rows(smoke):
+    text = (smoke["run"] / "results.md").read_text()
+    for design in ("shared", "per_module"):
+        section = text.split(f"translator design `{design}`")[1].split("##")[0]
+        for row in ["Vanilla", "Standard RAG", "PRAG", "PRAG-Combine", "DyPRAG", "DyPRAG-Combine",
+                    "Shuffled doc (control)", "Mean LoRA (control)", "DyPRAG, training docs (seen)"]:
+            assert f"| {row} |" in section, (design, row)
+    for row in ["PRAG target LoRAs", "DyPRAG shared", "DyPRAG per_module", "PRAG fine-tune, batched (s/doc)",
+                "ratio batched PRAG / DyPRAG shared", "translator parameters (per_module)",
+                "LoRA bytes stored per doc, PRAG (fp32)", "prompt tokens per question, Standard RAG"]:
+        assert row in text, row
+    for png in ["em.png", "translator_loss_shared.png", "cosine_generated_per_module.png", "cosine_target.png"]:
+        assert (smoke["run"] / png).stat().st_size > 1000, png
+    res = json.loads((smoke["run"] / "eval" / "results.json").read_text())
+    # 4 test docs x 5 facts; RAG prompts carry the passage, DyPRAG prompts do not
+    assert res["rows"]["Vanilla"]["n"] == 20
+    assert res["prompt_tokens"]["rag"] > res["prompt_tokens"]["dyprag"] + 20
+
+
+def test_report_subcommand_writes_the_same_page(smoke, tmp_path, capsys):
+    out = tmp_path / "page.md"
+    assert dyprag.main(["report", str(smoke["run"]), "--out", str(out)]) == 0
+    assert out.read_text() == (smoke["run"] / "results.md").read_text()
+
+
+def test_stored_loras_and_base_model_reload(smoke):
+    run = smoke["run"]
+    model, tok = load_base(run / "base_model")  # AutoModelForCausalLM / AutoTokenizer
+    test = load_loras(run / "prag" / "test.safetensors")
+    A, B = next(iter(test.values()))
+    assert A.shape[0] == 4 and A.shape[1] == 2 and B.shape[2] == 2  # 4 docs, rank 2
+    # every LoRA started from the same A: after a few small steps they are still close, but trained
+    assert (B.abs().sum((1, 2)) > 0).all()
+    assert len(test) == 2 * 3  # 2 layers x gate/up/down
+
+
+def test_generate_writes_a_peft_adapter_equal_to_the_pipeline_forward(smoke, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run = smoke["run"]
+    doc = load_docs_jsonl(run / "data" / "test.jsonl")[0].passage
+    (tmp_path / "doc.txt").write_text(doc)
+    out = tmp_path / "adapter"
+    assert dyprag.main(["generate", str(run), "--doc", str(tmp_path / "doc.txt"), "--out", str(out), "--design", "per_module"]) == 0
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+
+    model, tok = load_base(run / "base_model")
+    targets = dyprag.find_lora_targets(model, ["gate_proj", "up_proj", "down_proj"])
+    translator = load_translator(run / "translator" / "per_module.safetensors", targets, model.config.hidden_size)
+    ids = tok(["Question: Where was " + doc[:20]], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        loras = translator(embed_documents(model, tok, [doc], pooling="last"))
+        with factored_lora(model, loras, 32 / 2):
+            ours = model(input_ids=ids).logits
+        plain = model(input_ids=ids).logits
+        peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run / "base_model", dtype=torch.float32), out)
+        theirs = peft_model(input_ids=ids).logits
+    assert not torch.allclose(ours, plain, atol=1e-6), "the generated LoRA changes nothing"
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# pieces
+
+
+def test_batched_prag_follows_the_same_path_as_peft(smoke):
+    model, tok = load_base(smoke["run"] / "base_model")
+    docs = make_knowledge_set(2, 2, 1, seed=3).train
+    kw = dict(lr=1e-2, epochs=2, max_len=192)
+    init = initial_lora(model, ["gate_proj", "up_proj", "down_proj"], 2, 32.0, seed=0)
+    batched = train_batched(model, tok, docs, init, scaling=16.0, **kw)
+    for doc, got in zip(docs, batched):
+        ref = train_peft(model, tok, doc, target_modules=["gate_proj", "up_proj", "down_proj"], rank=2, alpha=32.0, seed=0, **kw)
+        for name in ref:
+            torch.testing.assert_close(got[name][0], ref[name][0], atol=2e-4, rtol=1e-3)
+            torch.testing.assert_close(got[name][1], ref[name][1], atol=2e-4, rtol=1e-3)
+    assert not torch.allclose(delta_matrix({n: (torch.stack([b[n][0] for b in batched]), torch.stack([b[n][1] for b in batched])) for n in batched[0]})[0],
+                              delta_matrix({n: (torch.stack([b[n][0] for b in batched]), torch.stack([b[n][1] for b in batched])) for n in batched[0]})[1])
+
+
+def test_mean_lora_is_the_mean_weight_delta():
+    g = torch.Generator().manual_seed(0)
+    loras = {"m": (torch.randn(5, 2, 7, generator=g), torch.randn(5, 3, 2, generator=g))}
+    A, B = mean_lora(loras)["m"]
+    want = torch.stack([loras["m"][1][k] @ loras["m"][0][k] for k in range(5)]).mean(0)
+    torch.testing.assert_close(B @ A, want)
+
+
+def test_squad_normalization_and_scores():
+    assert normalize_answer("The  Velmora Works!") == "velmora works"
+    assert exact_match("the glassblower.", ["Glassblower"]) == 1.0
+    assert exact_match("glass blower", ["glassblower"]) == 0.0
+    assert f1_score("Drovik Trading House", ["Drovik Works"]) == pytest.approx(2 * (1 / 3) * (1 / 2) / (1 / 3 + 1 / 2))
+    assert f1_score("", ["x"]) == 0.0
+
+
+def test_synthetic_splits_have_disjoint_fictional_entities():
+    ks = make_knowledge_set(30, 10, 20, seed=0)
+    name = lambda d: d.qa[0].question.removeprefix("Where was ").removesuffix(" born?")  # noqa: E731
+    train, test = {name(d) for d in ks.train}, {name(d) for d in ks.test}
+    assert len(train) == 30 and len(test) == 10 and not train & test
+    assert not {e.name for e in ks.known} & (train | test)
+    for d in ks.test:
+        assert len(d.qa) >= 3 and d.rewrite and d.rewrite != d.passage
+        assert {q.answer for q in d.qa} == {q.answer for q in d.eval_qa}
+        assert not {q.question for q in d.qa} & {q.question for q in d.eval_qa}  # other wordings
+        assert all(q.answer in d.passage and q.answer in d.rewrite for q in d.qa)
+
+
+# -----------------------------------------------------------------------------
+# bad input: clear error, exit 2, nothing written
+
+
+def test_missing_and_malformed_document_files(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    base = [SMOKE, f"runs_dir={runs}", "data.source=jsonl"]
+    err = _err(capsys, base + [f"data.train_file={tmp_path}/nope.jsonl", f"data.test_file={tmp_path}/nope.jsonl"])
+    assert "document file not found" in err and "nope.jsonl" in err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"passage": "A text.", "qa": [{"question": "Q?", "answer": "A"}]}\n{"passage": "B", "qa": [\n')
+    err = _err(capsys, base + [f"data.train_file={bad}", f"data.test_file={bad}"])
+    assert "bad.jsonl:2" in err and "not valid JSON" in err
+    bad.write_text('{"passage": "A text.", "qa": [{"question": "Q?"}]}\n')
+    err = _err(capsys, base + [f"data.train_file={bad}", f"data.test_file={bad}"])
+    assert "bad.jsonl:1" in err and "'answer'" in err
+    assert not runs.exists()
+
+
+def test_bad_base_model_dir_and_target_modules(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    broken = tmp_path / "broken_model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    err = _err(capsys, [SMOKE, f"runs_dir={runs}", f"model.path={broken}"])
+    assert "does not load" in err and "broken_model" in err
+    err = _err(capsys, [SMOKE, f"runs_dir={runs}", f"model.path={tmp_path}/absent"])
+    assert "directory not found" in err
+    err = _err(capsys, [SMOKE, f"runs_dir={runs}", "prag.target_modules=[ffn_in]"])
+    assert "ffn_in" in err and "match no module" in err and "gate_proj" in err
+    err = _err(capsys, [SMOKE, f"runs_dir={runs}", "translator.designs=[shared,huge]"])
+    assert "huge" in err and "per_module" in err
+    assert not runs.exists()
+
+
+def test_translator_checkpoint_that_does_not_fit(smoke, tmp_path, capsys):
+    run = smoke["run"]
+    model, _ = load_base(run / "base_model")
+    targets = dyprag.find_lora_targets(model, ["up_proj"])  # a translator for other modules
+    save_translator(tmp_path / "t.safetensors", ParameterTranslator(TranslatorConfig(hidden=8), model.config.hidden_size, targets))
+    (tmp_path / "doc.txt").write_text("Some document.")
+    err = _err(capsys, ["generate", str(run), "--doc", str(tmp_path / "doc.txt"), "--out", str(tmp_path / "a"), "--translator", str(tmp_path / "t.safetensors")])
+    assert "does not fit the base model" in err and "gate_proj" in err
+    err = _err(capsys, ["generate", str(run), "--doc", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "a")])
+    assert "document file not found" in err
+    assert not (tmp_path / "a").exists()
+
+
+def test_existing_run_of_another_config_is_refused(smoke, capsys):
+    err = _err(capsys, smoke["args"] + ["translator.hidden=8"])
+    assert "different config" in err and "overwrite=true" in err
+    assert (smoke["run"] / "results.md").is_file()
