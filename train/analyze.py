@@ -10,7 +10,7 @@ windows through it with forward hooks on every router, and writes
   routing.json           the numbers behind both
 
 Concentration, per domain (tokens labelled by the domain of the input token):
-  entropy   entropy of the domain's mean routing distribution / ln(E): 1 = spread evenly, 0 = one expert
+  entropy   entropy of the domain's assignment shares / ln(E): 1 = spread evenly, 0 = one expert
   top       the expert that gets most of the domain's top-k assignments, and its share of them (uniform: 1/E)
   top-K     share of assignments that go to the domain's K most-used experts (uniform: K/E)
   TV        total variation distance between the domain's assignment shares and those of all tokens:
@@ -114,14 +114,13 @@ def routing_by_domain(run_dir: Path, n_windows: int = 128) -> Analysis:
 
 def concentration(a: Analysis, layer: int) -> list[dict]:
     """One row per domain (and one for all tokens): see the module docstring."""
-    probs_DE, picks_DE = a.probs[layer], a.picks[layer]
-    E = probs_DE.shape[1]
+    picks_DE = a.picks[layer]
+    E = picks_DE.shape[1]
     w_D = a.tokens_D / a.tokens_D.sum()
     rows = []
     everyone_E = (w_D[:, None] * picks_DE).sum(0)
-    for name, p_E, s_E, n in [*zip(a.domains, probs_DE, picks_DE, a.tokens_D.tolist()),
-                              ("all", (w_D[:, None] * probs_DE).sum(0), everyone_E, a.tokens_D.sum().item())]:
-        entropy = float(torch.special.entr(p_E).sum() / math.log(E))
+    for name, s_E, n in [*zip(a.domains, picks_DE, a.tokens_D.tolist()), ("all", everyone_E, a.tokens_D.sum().item())]:
+        entropy = float(torch.special.entr(s_E).sum() / math.log(E))
         ranked = s_E.sort(descending=True)
         rows.append({"domain": name, "tokens": int(n), "entropy": entropy, "top_expert": int(ranked.indices[0]),
                      "top_share": float(ranked.values[0]), "topk_share": float(ranked.values[:a.top_k].sum()),

@@ -170,6 +170,8 @@ def load_sweep(path: str | Path) -> Sweep:
         for k, vs in grid.items():
             if not isinstance(vs, list) or not vs:
                 raise SweepError(f"{path}: grid.{k} must be a non-empty list of values, got {vs!r}")
+            if len({_text(v) for v in vs}) != len(vs):
+                raise SweepError(f"{path}: grid.{k} lists a value twice: {vs!r}")
         # a grid point is named by its values: "score_func=softmax,granularity=2"
         variants = {",".join(f"{k.split('.')[-1]}={_text(v)}" for k, v in zip(grid, combo)): dict(zip(grid, combo))
                     for combo in itertools.product(*grid.values())}
@@ -197,7 +199,9 @@ def load_sweep(path: str | Path) -> Sweep:
                   common=_mapping(raw.get("set") or {}, "set", path), seeds=seeds, jobs=jobs,
                   analyze=bool(raw.get("analyze", False)), description=str(raw.get("description", "")).strip(),
                   expect=list(expect))
-    for run in sweep.runs():  # every run's config, before the first run starts
+    for run in sweep.runs():  # every variant's config, before the first run starts (seeds are plain ints)
+        if run.seed != seeds[0]:
+            continue
         try:
             load_config(LMRunConfig, sweep.config, run.overrides)
         except ConfigError as e:
@@ -279,8 +283,16 @@ def execute(sweep: Sweep, jobs: int, threads_total: int | None = None) -> dict[s
 
     running: dict[str, tuple[subprocess.Popen, float, Any]] = {}
     durations: list[float] = []
-    bar = tqdm(total=len(todo), desc=sweep.name, unit="run", mininterval=5, dynamic_ncols=True)
-    t0, last_line = time.perf_counter(), 0.0
+    # a live bar on a terminal; in a log file (nohup) only the plain lines below
+    bar = tqdm(total=len(todo), desc=sweep.name, unit="run", disable=None, dynamic_ncols=True)
+    t0, last_line = time.perf_counter(), time.perf_counter()
+
+    def progress() -> str:
+        left = len(queue) + len(running)
+        eta = statistics.mean(durations) * math.ceil(left / jobs) if durations else None
+        return (f"[{_clock(time.perf_counter() - t0)}] {len(durations)}/{len(todo)} ended; running: "
+                f"{', '.join(running) or '-'}; time left ~{_clock(eta) if eta is not None else '?'}")
+
     queue = list(todo)
     while queue or running:
         while queue and len(running) < jobs:
@@ -308,16 +320,14 @@ def execute(sweep: Sweep, jobs: int, threads_total: int | None = None) -> dict[s
                 err = _error_of(sweep.dir / "logs" / f"{name}.log")
                 status[name].update(status="failed", seconds=round(took, 1), returncode=proc.returncode, error=err)
                 bar.write(f"FAILED {name} (exit {proc.returncode}): {err}")
-            bar.update(1)
             atomic_write_text(status_file, json.dumps(status, indent=1))
-        now = time.perf_counter()
-        if running and now - last_line > 60:  # a plain progress line for logs, where the bar does not redraw
-            left = len(queue) + len(running)
-            eta = (statistics.mean(durations) * left / jobs) if durations else None
-            bar.write(f"[{_clock(now - t0)}] {bar.n}/{len(todo)} ended, running: {', '.join(running)}; "
-                      f"time left ~{_clock(eta) if eta else '?'}")
-            last_line = now
-        bar.set_postfix_str(", ".join(running))
+            bar.update(1)
+            bar.write(progress())
+            last_line = time.perf_counter()
+        if running and time.perf_counter() - last_line > 60:
+            bar.write(progress())
+            last_line = time.perf_counter()
+        bar.set_postfix_str(", ".join(running), refresh=False)
         time.sleep(0.5)
     bar.close()
     atomic_write_text(status_file, json.dumps(status, indent=1))
@@ -541,6 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--collect", action="store_true", help="only (re)write tables and plots from the runs there are")
     p.add_argument("--overwrite", action="store_true", help="delete the sweep directory and run everything again")
     args = p.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines reach a log file as they happen
     try:
         if args.jobs is not None and args.jobs < 1:
             raise SweepError(f"--jobs={args.jobs} must be >= 1")
