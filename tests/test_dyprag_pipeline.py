@@ -234,3 +234,19 @@ def test_existing_run_of_another_config_is_refused(smoke, capsys):
     err = _err(capsys, smoke["args"] + ["translator.hidden=8"])
     assert "different config" in err and "overwrite=true" in err
     assert (smoke["run"] / "results.md").is_file()
+
+
+def test_prag_augmented_files_become_documents(tmp_path, capsys):
+    from train.dyprag_data import docs_from_prag
+
+    docs = docs_from_prag("tests/fixtures/prag/data_aug/popqa/tinyllama-test/total.json", None, None)
+    d = docs[0]
+    assert "Harl Menwick was a cartographer" in d.passage and "Tobrin" in d.passage
+    assert len(d.qa) >= 3 and d.rewrite
+    assert d.eval_qa[0].question == "What is Harl Menwick's occupation?"
+    assert d.eval_qa[0].answers == ["cartographer", "map maker"]
+    # raw dataset files carry no augmentations to train a LoRA on: refused before any work
+    err = _err(capsys, [SMOKE, f"runs_dir={tmp_path}/runs", "data.source=prag",
+                        "data.train_file=tests/fixtures/prag/hotpotqa", "data.test_file=tests/fixtures/prag/hotpotqa"])
+    assert "no augmentation QA" in err
+    assert not (tmp_path / "runs").exists()

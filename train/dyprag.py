@@ -43,7 +43,7 @@ from train.checkpoint import RunDirError, atomic_write, atomic_write_text, prepa
 from train.config import ConfigError, load_config, to_yaml
 from train.dyprag_base import build_tiny_llama, encode_pairs, load_base, pretrain, train_tokenizer
 from train.dyprag_config import DyPragConfig
-from train.dyprag_data import load_docs_jsonl, make_knowledge_set, qa_prompt, qa_target, tokenizer_corpus, docs_jsonl
+from train.dyprag_data import docs_from_prag, load_docs_jsonl, make_knowledge_set, qa_prompt, qa_target, tokenizer_corpus, docs_jsonl
 from train.dyprag_prag import train_doc_loras, train_peft
 from train.dyprag_report import write_report
 
@@ -104,11 +104,17 @@ def open_run(cfg: DyPragConfig) -> Run:
 # input checks (before any work)
 
 
+def external_docs(c, path: str):
+    if c.source == "jsonl":
+        return load_docs_jsonl(path)
+    return docs_from_prag(path, c.prag_dataset or None, c.augment_model or None)
+
+
 def check_inputs(cfg: DyPragConfig) -> None:
     """Every file the config names, and the target modules, are checked here: ValueError."""
-    if cfg.data.source == "jsonl":
+    if cfg.data.source != "synthetic":
         for f in (cfg.data.train_file, cfg.data.test_file):
-            load_docs_jsonl(f)
+            external_docs(cfg.data, f)
     if cfg.model.path:
         model, _ = load_base(cfg.model.path)
         find_lora_targets(model, cfg.prag.target_modules)
@@ -126,13 +132,12 @@ def check_inputs(cfg: DyPragConfig) -> None:
 
 def stage_data(run: Run) -> dict:
     c = run.cfg.data
+    ks = make_knowledge_set(c.n_train_docs, c.n_test_docs, c.n_known, c.seed)
+    known = [dataclasses.asdict(e) for e in ks.known]  # the tiny base model's closed-book facts, whatever the source
     if c.source == "synthetic":
-        ks = make_knowledge_set(c.n_train_docs, c.n_test_docs, c.n_known, c.seed)
         splits = {"train": ks.train, "test": ks.test}
-        known = [dataclasses.asdict(e) for e in ks.known]
     else:
-        splits = {"train": load_docs_jsonl(c.train_file), "test": load_docs_jsonl(c.test_file)}
-        known = []
+        splits = {"train": external_docs(c, c.train_file), "test": external_docs(c, c.test_file)}
     for split, docs in splits.items():
         atomic_write_text(run.root / "data" / f"{split}.jsonl", docs_jsonl(docs))
     atomic_write_text(run.root / "data" / "known_entities.json", json.dumps(known))
@@ -146,8 +151,6 @@ def stage_base(run: Run) -> dict:
     from train.dyprag_data import Entity
 
     known = [Entity(**e) for e in json.loads((run.root / "data" / "known_entities.json").read_text())]
-    if not known:
-        raise ValueError("pretraining the tiny base model needs the synthetic data source (or set model.path)")
     tokenizer = train_tokenizer(tokenizer_corpus(4000, run.cfg.data.seed, run.docs("train") + run.docs("test")), c.vocab_size)
     torch.manual_seed(run.cfg.data.seed)
     model = build_tiny_llama(tokenizer, c.hidden, c.layers, c.heads, c.intermediate, c.max_len)

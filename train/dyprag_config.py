@@ -13,14 +13,19 @@ from train.config import check
 
 DESIGNS = ("shared", "per_module")
 POOLINGS = ("last", "mean")
-SOURCES = ("synthetic", "jsonl")
+SOURCES = ("synthetic", "jsonl", "prag")
 
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # "synthetic": generated fictional people | "jsonl": the two files below
-    train_file: str = ""  # JSONL documents (dyprag_data.load_docs_jsonl) when source=jsonl
+    # "synthetic": generated fictional people | "jsonl": the two files below in
+    # dyprag_data's JSONL format | "prag": the two files below are PRAG's augmented
+    # QA files (train.prag_format; e.g. data_aug/popqa/<model>/total.json)
+    source: str = "synthetic"
+    train_file: str = ""
     test_file: str = ""
+    prag_dataset: str = ""  # source=prag: dataset name when the path does not tell (load_prag's dataset=)
+    augment_model: str = ""  # source=prag: which '<model>_qa' fields to read if there are several
     n_train_docs: int = 200  # synthetic: documents the translator learns from
     n_test_docs: int = 40  # synthetic: held-out documents (disjoint entities)
     n_known: int = 100  # synthetic: entities the base model learns closed-book in pretraining
@@ -28,8 +33,8 @@ class DataConfig:
 
     def __post_init__(self):
         check(self.source in SOURCES, f"data.source={self.source!r} must be one of {SOURCES}")
-        if self.source == "jsonl":
-            check(bool(self.train_file and self.test_file), "data.train_file and data.test_file must name JSONL files when data.source=jsonl")
+        if self.source != "synthetic":
+            check(bool(self.train_file and self.test_file), f"data.train_file and data.test_file must name files when data.source={self.source}")
         check(self.n_train_docs >= 2, f"data.n_train_docs={self.n_train_docs} must be >= 2")
         check(self.n_test_docs >= 2, f"data.n_test_docs={self.n_test_docs} must be >= 2 (the shuffled control needs another doc)")
         check(self.n_known >= 1, f"data.n_known={self.n_known} must be >= 1")
@@ -114,7 +119,7 @@ class DyPragConfig:
     runs_dir: str = "runs"
     overwrite: bool = False  # delete an existing run of another config and start again
     results_out: str = ""  # also copy results.md here (docs/results/dyprag.md for the default run)
-    threads: int = 2
+    threads: int = 1  # torch threads; on a shared 2-core machine 1 was several times faster than 2
     data: DataConfig = field(default_factory=DataConfig)
     model: BaseConfig = field(default_factory=BaseConfig)  # the base LM
     prag: PragConfig = field(default_factory=PragConfig)

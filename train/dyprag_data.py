@@ -14,8 +14,9 @@ Three disjoint entity pools come from one seeded generator:
   test      held-out documents for the evaluation table
 
 Documents can also come from a JSONL file (one object per line:
-{"passage": str, "rewrite": str?, "qa": [{"question", "answer"}, ...],
-"eval_qa": [...]?}), checked by `load_docs_jsonl` before any work.
+{"passage": str, "rewrite": str?, "qa": [{"question", "answer", "aliases"?}, ...],
+"eval_qa": [...]?}), checked by `load_docs_jsonl` before any work, or from the
+PRAG / DyPRAG QA files (train.prag_format) via `docs_from_prag`.
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ def qa_target(answer: str) -> str:
 class QA:
     question: str
     answer: str
+    aliases: list[str] = field(default_factory=list)  # other accepted answers (EM/F1 take the best)
+
+    @property
+    def answers(self) -> list[str]:
+        return [self.answer, *self.aliases]
 
 
 @dataclass
@@ -78,7 +84,10 @@ def _qa_list(obj, where: str) -> list[QA]:
             raise ValueError(f"{where}[{i}] must be an object with string fields 'question' and 'answer', got {q!r:.80}")
         if not q["question"].strip() or not q["answer"].strip():
             raise ValueError(f"{where}[{i}] has an empty question or answer")
-        out.append(QA(q["question"], q["answer"]))
+        aliases = q.get("aliases", [])
+        if not (isinstance(aliases, list) and all(isinstance(a, str) for a in aliases)):
+            raise ValueError(f"{where}[{i}]: 'aliases' must be a list of strings")
+        out.append(QA(q["question"], q["answer"], aliases))
     return out
 
 
@@ -114,6 +123,26 @@ def load_docs_jsonl(path: str | Path) -> list[Doc]:
         docs.append(doc_from_json(obj, f"{path}:{n}"))
     if not docs:
         raise ValueError(f"{path}: holds no documents")
+    return docs
+
+
+def docs_from_prag(path: str | Path, dataset: str | None, augment_model: str | None) -> list[Doc]:
+    """One document per PRAG record: its passages, their rewrites and generated QA
+    (the augmentations PRAG trains on), and the dataset question with its aliases
+    as the evaluation question. PRAG's augmented files are required: without
+    augmentations there is nothing to train a document's LoRA on."""
+    from train.prag_format import load_prag
+
+    docs = []
+    for i, r in enumerate(load_prag(path, dataset, augment_model)):
+        if not r.augments or not any(a.qa for a in r.augments):
+            raise ValueError(f"{path}, record {i}: has no augmentation QA; give PRAG's augmented file (data_aug/...json with 'augment')")
+        docs.append(Doc(
+            passage=" ".join(r.passages),
+            rewrite=" ".join(a.rewrite for a in r.augments if a.rewrite),
+            qa=[QA(q.question, q.answer) for a in r.augments for q in a.qa],
+            eval_qa=[QA(r.question, r.answers[0], r.answers[1:])],
+        ))
     return docs
 
 
@@ -187,9 +216,8 @@ _FACTS = {
 }
 
 
-def _text(e: Entity, style: int, rng: random.Random) -> str:
-    keys = list(_FACTS)
-    rng.shuffle(keys)
+def _text(e: Entity, style: int, rng: random.Random, n_facts: int = len(_FACTS)) -> str:
+    keys = rng.sample(list(_FACTS), n_facts)  # a random order (and subset)
     return " ".join(_FACTS[k][0][style].format(n=e.name, v=getattr(e, k)) for k in keys)
 
 
@@ -236,8 +264,9 @@ def pretrain_sample(rng: random.Random, known: list[Entity]) -> tuple[str, str]:
     """One sample of a mixture that teaches the two prompt formats and document text.
 
     60% reading comprehension on a fresh entity (any wording, passage or rewrite
-    style): answering must come from the passage (the hardest skill for a tiny
-    model, so it gets the most samples). 20% closed-book QA on a known entity
+    style, 1 to 5 of its facts, 1 to 3 questions about them, each answered in
+    turn): answering must come from the passage. It is the hardest skill for a tiny model, so it gets the
+    most samples, and short passages make it easier to pick up. 20% closed-book QA on a known entity
     (any wording): answering must come from the weights. 20% plain text of a
     known entity's document, so facts can enter the weights from text, as PRAG
     later needs.
@@ -245,9 +274,13 @@ def pretrain_sample(rng: random.Random, known: list[Entity]) -> tuple[str, str]:
     u = rng.random()
     if u < 0.6:
         e = _entity(rng)
-        k = rng.choice(list(_FACTS))
-        q = _FACTS[k][1][rng.randrange(3)].format(n=e.name)
-        return qa_prompt(q, _text(e, rng.randrange(2), rng)), qa_target(getattr(e, k))
+        passage = _text(e, rng.randrange(2), rng, rng.randint(1, len(_FACTS)))
+        asked = [k for k in _FACTS if getattr(e, k) in passage]
+        rng.shuffle(asked)
+        turns = [(_FACTS[k][1][rng.randrange(3)].format(n=e.name), getattr(e, k)) for k in asked[: rng.randint(1, 3)]]
+        # follow-up questions on the same passage: more answer tokens per passage read
+        follow = "".join(f"\nQuestion: {q}\nAnswer:{qa_target(a)}" for q, a in turns[1:])
+        return qa_prompt(turns[0][0], passage), qa_target(turns[0][1]) + follow
     e = rng.choice(known)
     if u < 0.8:
         k = rng.choice(list(_FACTS))

@@ -41,7 +41,7 @@ from train.dyprag_data import qa_prompt
 
 def _questions(docs):
     """(question, answer, doc index) for every evaluation question (augmentation QA if a doc has none)."""
-    return [(q.question, q.answer, i) for i, d in enumerate(docs) for q in (d.eval_qa or d.qa)]
+    return [(q.question, q.answers, i) for i, d in enumerate(docs) for q in (d.eval_qa or d.qa)]
 
 
 def _derangement(n: int, seed: int) -> list[int]:
@@ -71,8 +71,8 @@ def evaluate_run(run) -> dict:
         prompts = [qa_prompt(q, docs[i].passage if with_passage else None) for q, _, i in qs]
         loras = expand_per_question(doc_loras, [i for _, _, i in qs]) if doc_loras is not None else shared
         preds = answer(model, tokenizer, prompts, loras, scaling, desc=f"{rows_name} ({split})", **gen)
-        em = sum(exact_match(p, [a]) for p, (_, a, _) in zip(preds, qs)) / len(qs)
-        f1 = sum(f1_score(p, [a]) for p, (_, a, _) in zip(preds, qs)) / len(qs)
+        em = sum(exact_match(p, golds) for p, (_, golds, _) in zip(preds, qs)) / len(qs)
+        f1 = sum(f1_score(p, golds) for p, (_, golds, _) in zip(preds, qs)) / len(qs)
         examples = [{"question": q, "gold": a, "pred": p} for p, (q, a, _) in list(zip(preds, qs))[:3]]
         return {"em": 100 * em, "f1": 100 * f1, "n": len(qs), "examples": examples}
 
