@@ -4,12 +4,16 @@
 
 For each config it times, interleaved round-robin so machine noise hits all alike:
   moe           this layer (grouped_mm dispatch)
+  moe_bmm       this layer with dispatch="padded_bmm"
   moe_loop      this layer with the per-expert loop fallback
-  dense_floor   a dense SwiGLU with the same active FLOPs per token (what no sparse layer can beat)
+  dense_floor   a dense SwiGLU with the same active FLOPs per token (what no sparse layer can beat),
+                with the same cat-free activation backward the MoE uses
+  dense_swiglu  the same, as models.transformer.SwiGLU computes it (autograd's own backward)
   hf_<impl>     transformers' Qwen2MoeSparseMoeBlock under each experts implementation
-Peak memory is the high-water mark of bytes held by torch's CPU allocator during
-one forward+backward (from the profiler's allocation records), above what was
-live before it. Prints a table, then one line of JSON with the ratios.
+Ratios are taken against the faster dense variant. Peak memory is the high-water
+mark of tensor storage created during one forward+backward (tracked op by op
+with a dispatch mode), above what was live before it. Prints a table, then one
+line of JSON with the ratios.
 """
 from __future__ import annotations
 
@@ -20,8 +24,11 @@ import time
 
 import torch
 import torch.nn as nn
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
-from models.moe import MoE, MoEConfig
+from models.moe import MoE, MoEConfig, SwiGLUActivation
 from models.transformer import SwiGLU
 
 CONFIGS = {
@@ -33,11 +40,18 @@ CONFIGS = {
 HF_IMPLS = ("eager", "grouped_mm", "batched_mm")
 
 
+class DenseFloor(SwiGLU):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(SwiGLUActivation.apply(self.gate_up(x)))
+
+
 def build(name: str, cfg: MoEConfig) -> nn.Module:
     if name.startswith("moe"):
-        return MoE(MoEConfig(**{**cfg.__dict__, "dispatch": "loop" if name == "moe_loop" else "grouped_mm"}))
-    if name == "dense_floor":
-        return SwiGLU(cfg.d_model, cfg.experts_per_token * cfg.hidden_per_expert + cfg.shared_hidden)
+        dispatch = {"moe": "grouped_mm", "moe_bmm": "padded_bmm", "moe_loop": "loop"}[name]
+        return MoE(MoEConfig(**{**cfg.__dict__, "dispatch": dispatch}))
+    if name.startswith("dense"):
+        cls = DenseFloor if name == "dense_floor" else SwiGLU
+        return cls(cfg.d_model, cfg.experts_per_token * cfg.hidden_per_expert + cfg.shared_hidden)
     from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeConfig, Qwen2MoeSparseMoeBlock
     hf_cfg = Qwen2MoeConfig(hidden_size=cfg.d_model, moe_intermediate_size=cfg.hidden_per_expert,
                             shared_expert_intermediate_size=cfg.shared_hidden, num_experts=cfg.n_experts,
@@ -55,15 +69,31 @@ def step(model: nn.Module, x: torch.Tensor, g: torch.Tensor) -> None:
     y.backward(g)  # a dense incoming gradient, as from a real loss
 
 
+class PeakMemory(TorchDispatchMode):
+    """Live bytes of the storages ops create (freed ones dropped as their weak refs expire)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.live = {k: v for k, v in self.live.items() if not v[0].expired()}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                self.live.setdefault(storage.data_ptr(), (StorageWeakRef(storage), storage.nbytes()))
+        self.peak = max(self.peak, sum(n for _, n in self.live.values()))
+        return out
+
+
 def peak_bytes(model: nn.Module, x: torch.Tensor, g: torch.Tensor) -> int:
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    model.zero_grad(set_to_none=True)
+    x.grad = None
+    with PeakMemory() as mem:
         step(model, x, g)
-    live, peak = 0, 0
-    allocs = [e for e in prof.events() if e.name == "[memory]"]
-    for e in sorted(allocs, key=lambda e: e.time_range.start):
-        live += e.cpu_memory_usage
-        peak = max(peak, live)
-    return peak
+    return mem.peak
 
 
 def main() -> None:
@@ -77,7 +107,7 @@ def main() -> None:
     if bad or args.repeats < 1 or args.tokens < 1:
         raise SystemExit(f"--configs must be from {list(CONFIGS)} (got {bad}); --repeats and --tokens must be >= 1")
 
-    candidates = ["moe", "moe_loop", "dense_floor"] + [f"hf_{i}" for i in HF_IMPLS]
+    candidates = ["moe", "moe_bmm", "moe_loop", "dense_floor", "dense_swiglu"] + [f"hf_{i}" for i in HF_IMPLS]
     rows, summary = [], {}
     for cname in names:
         cfg = MoEConfig(**CONFIGS[cname])
@@ -97,15 +127,17 @@ def main() -> None:
                 times[n].append(time.perf_counter() - t0)
         med = {n: statistics.median(t) * 1e3 for n, t in times.items()}
         peak = {n: peak_bytes(m, x, g) / 2**20 for n, m in models.items()}
+        floor = min(("dense_floor", "dense_swiglu"), key=med.get)
         for n in candidates:
-            rows.append((cname, n, med[n], min(times[n]) * 1e3, peak[n], med[n] / med["dense_floor"]))
+            rows.append((cname, n, med[n], min(times[n]) * 1e3, peak[n], med[n] / med[floor]))
         hf_best = min((n for n in candidates if n.startswith("hf_")), key=med.get)
         summary[cname] = {
-            "moe_over_dense": round(med["moe"] / med["dense_floor"], 3),
+            "moe_over_dense": round(med["moe"] / med[floor], 3),
+            "dense": floor,
             "moe_over_hf_best": round(med["moe"] / med[hf_best], 3),
             "hf_best": hf_best,
-            "moe_peak_mib_over_dense": round(peak["moe"] / peak["dense_floor"], 3),
-            "moe_peak_mib_over_hf_best": round(peak["moe"] / peak[hf_best], 3),
+            "moe_peak_over_dense": round(peak["moe"] / peak[floor], 3),
+            "moe_peak_over_hf_best": round(peak["moe"] / peak[hf_best], 3),
         }
 
     print(f"T={args.tokens} tokens, {args.repeats} interleaved rounds, {torch.get_num_threads()} threads, "

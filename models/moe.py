@@ -30,7 +30,7 @@ from models.validate import check
 
 SCORE_FUNCS = ("softmax", "sigmoid")
 ROUTINGS = ("token_choice", "expert_choice")
-DISPATCHES = ("grouped_mm", "loop")
+DISPATCHES = ("grouped_mm", "auto", "padded_bmm", "loop")
 
 
 @dataclass
@@ -67,7 +67,12 @@ class MoEConfig:
     bias_update_rate: float = 0.0  # aux-loss-free balancing gamma; 0 = off
     # capacity: None = dropless; else each expert keeps ceil(cf * T * K / E) tokens
     capacity_factor: Optional[float] = None
-    dispatch: str = "grouped_mm"  # "grouped_mm" | "loop"
+    # how the experts run on their tokens: "grouped_mm" (one grouped matmul per
+    # projection), "padded_bmm" (every expert's group padded to the largest, one
+    # bmm), "auto" (padded_bmm while padding adds <= 25% rows, else grouped_mm),
+    # "loop" (a Python loop over experts). On a busy multi-core CPU grouped_mm
+    # pays a thread sync per expert and per matmul; one bmm pays it once.
+    dispatch: str = "grouped_mm"
     init_std: float = 0.02  # normal init of the router and every expert weight
 
     def __post_init__(self):
@@ -149,13 +154,90 @@ class MoEConfig:
 
 
 # -----------------------------------------------------------------------------
+# moving rows: pick and place along an injective row map, each the other's backward
+#
+# Autograd would take index_select's backward through index_add_, which on a
+# multi-threaded CPU is many times slower than a gather. When every row goes to
+# its own slot the adjoint of a gather is a gather by the inverse map, so both
+# directions stay gathers (and deterministic).
+
+class RowMap:
+    """Row a of an (A, D) tensor sits at slot pos_A[a] of an (N, D) one; other slots are zero."""
+
+    def __init__(self, pos_A: torch.Tensor, n_slots: int):
+        A = pos_A.numel()
+        self.pos_A, self.holes = pos_A, A < n_slots
+        # inv_N[s]: the row in slot s, or A (a zero row appended) for an empty slot
+        self.inv_N = torch.full((n_slots,), A, dtype=pos_A.dtype, device=pos_A.device)
+        self.inv_N[pos_A] = torch.arange(A, device=pos_A.device)
+
+    def pick(self, v_ND: torch.Tensor) -> torch.Tensor:  # (N, D) -> (A, D)
+        return _Pick.apply(v_ND, self)
+
+    def place(self, v_AD: torch.Tensor) -> torch.Tensor:  # (A, D) -> (N, D)
+        return _Place.apply(v_AD, self)
+
+    def _pick(self, v_ND: torch.Tensor) -> torch.Tensor:
+        return v_ND.index_select(0, self.pos_A)
+
+    def _place(self, v_AD: torch.Tensor) -> torch.Tensor:
+        return (F.pad(v_AD, (0, 0, 0, 1)) if self.holes else v_AD).index_select(0, self.inv_N)
+
+
+class _Pick(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, v_ND, rows):
+        ctx.rows = rows
+        return rows._pick(v_ND)
+
+    @staticmethod
+    def backward(ctx, g_AD):
+        return ctx.rows._place(g_AD), None
+
+
+class _Place(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, v_AD, rows):
+        ctx.rows = rows
+        return rows._place(v_AD)
+
+    @staticmethod
+    def backward(ctx, g_ND):
+        return ctx.rows._pick(g_ND), None
+
+
+# -----------------------------------------------------------------------------
 # experts
+
+class SwiGLUActivation(torch.autograd.Function):
+    """silu(gate) * up of a fused [gate | up] tensor, with a hand-written backward that
+    writes d[gate | up] straight into one buffer: autograd's chunk backward would
+    concatenate the two halves, a full extra pass over the largest activation."""
+
+    @staticmethod
+    def forward(ctx, gate_up_AH2: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate_up_AH2)
+        gate_AH, up_AH = gate_up_AH2.chunk(2, dim=-1)
+        return F.silu(gate_AH) * up_AH
+
+    @staticmethod
+    def backward(ctx, d_AH: torch.Tensor) -> torch.Tensor:
+        (gate_up_AH2,) = ctx.saved_tensors
+        gate_AH, up_AH = gate_up_AH2.chunk(2, dim=-1)
+        d_gate_up_AH2 = torch.empty_like(gate_up_AH2)
+        d_gate_AH, d_up_AH = d_gate_up_AH2.chunk(2, dim=-1)
+        torch.mul(d_AH, F.silu(gate_AH), out=d_up_AH)
+        torch.ops.aten.silu_backward.grad_input(d_AH * up_AH, gate_AH, grad_input=d_gate_AH)
+        return d_gate_up_AH2
+
 
 class RoutedExperts(nn.Module):
     """E SwiGLU experts stored as 3-D weights, run on tokens already sorted by expert.
 
     The gate and up projections are fused into one (E, D, 2H) weight so each
     group of tokens needs one matmul for both; its last dim is [gate | up].
+    forward takes per-row combine weights and applies them on the narrower of
+    the hidden (H) and output (D) activations: same result, fewer bytes moved.
     """
 
     def __init__(self, cfg: MoEConfig):
@@ -167,23 +249,49 @@ class RoutedExperts(nn.Module):
 
     def uses_grouped_mm(self, x_AD: torch.Tensor) -> bool:
         """grouped_mm on CPU takes fp32/bf16/fp16 and needs every row 16-byte aligned."""
-        if self.dispatch != "grouped_mm" or x_AD.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        if self.dispatch not in ("grouped_mm", "auto") or x_AD.dtype not in (torch.float32, torch.bfloat16,
+                                                                             torch.float16):
             return False
         H = self.w_down.shape[1]
         return all(n * x_AD.element_size() % 16 == 0 for n in (x_AD.shape[1], H, 2 * H))
 
-    def forward(self, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """x_AD: rows grouped by expert, counts_E[e] rows for expert e, in order."""
+    def wants_padding(self, counts_E: torch.Tensor) -> bool:
+        if self.dispatch == "padded_bmm":
+            return True
+        return self.dispatch == "auto" and counts_E.numel() * counts_E.max().item() <= 1.25 * counts_E.sum().item()
+
+    def forward(self, x_AD: torch.Tensor, counts_E: torch.Tensor, weight_A: torch.Tensor) -> torch.Tensor:
+        """x_AD: rows grouped by expert, counts_E[e] rows for expert e, in order; weight_A: combine weights."""
+        E, H, D = self.w_down.shape
+        weight_A1 = weight_A.to(x_AD.dtype).unsqueeze(-1)
+        if self.wants_padding(counts_E):
+            # every group padded with zero rows to the largest, M: (A, D) -> (E*M, D) -> (E, M, D)
+            M = int(counts_E.max())
+            expert_A = torch.repeat_interleave(torch.arange(E, device=x_AD.device), counts_E)
+            starts_E = counts_E.cumsum(0) - counts_E
+            rank_A = torch.arange(x_AD.shape[0], device=x_AD.device) - starts_E[expert_A]
+            rows = RowMap(expert_A * M + rank_A, E * M)
+            x_AD = rows.place(x_AD).view(E, M, D)
+            weight_A1 = rows.place(weight_A1).view(E, M, 1)
+            out_AD = self.swiglu(x_AD, weight_A1, torch.bmm)
+            return rows.pick(out_AD.view(E * M, D))
         if self.uses_grouped_mm(x_AD):
             offs_E = counts_E.cumsum(0, dtype=torch.int32)  # cumulative ends, as grouped_mm wants
-            gate_AH, up_AH = F.grouped_mm(x_AD, self.w_gate_up, offs=offs_E).chunk(2, dim=-1)
-            return F.grouped_mm(F.silu(gate_AH) * up_AH, self.w_down, offs=offs_E)
+            return self.swiglu(x_AD, weight_A1, lambda a, w: F.grouped_mm(a, w, offs=offs_E))
         out_AD, start = [], 0
         for e, n in enumerate(counts_E.tolist()):
             gate_nH, up_nH = (x_AD[start:start + n] @ self.w_gate_up[e]).chunk(2, dim=-1)
             out_AD.append((F.silu(gate_nH) * up_nH) @ self.w_down[e])
             start += n
-        return torch.cat(out_AD)
+        return torch.cat(out_AD) * weight_A1
+
+    def swiglu(self, x: torch.Tensor, weight: torch.Tensor, matmul) -> torch.Tensor:
+        """Both projections through `matmul`; the combine weight goes on the narrower of H and D."""
+        H, D = self.w_down.shape[1:]
+        h = SwiGLUActivation.apply(matmul(x, self.w_gate_up))
+        if H <= D:
+            return matmul(h * weight, self.w_down)
+        return matmul(h, self.w_down) * weight
 
 
 # -----------------------------------------------------------------------------
@@ -318,6 +426,7 @@ class Dispatch:
     weight_A: torch.Tensor  # its combine weight
     counts_E: torch.Tensor  # kept assignments per expert (sums to A)
     drop_fraction: torch.Tensor  # token choice: dropped / (T*K); expert choice: tokens no expert took / T
+    slot_A: Optional[torch.Tensor] = None  # token choice: index t*K + k of each kept assignment
 
 
 def token_choice_dispatch(routing: Routing, capacity: Optional[int]) -> Dispatch:
@@ -337,9 +446,9 @@ def token_choice_dispatch(routing: Routing, capacity: Optional[int]) -> Dispatch
         rank_A = torch.arange(T * K, device=expert_A.device) - starts_E[expert_A[order_A]]
         order_A = order_A[rank_A < capacity]
         counts_E = counts_E.clamp(max=capacity)
-    weight_A = routing.weights_TK.reshape(-1)[order_A]
+    weight_A = routing.weights_TK.reshape(-1).index_select(0, order_A)
     drop_fraction = routing.logits_TE.new_tensor(1 - order_A.numel() / (T * K))
-    return Dispatch(order_A // K, weight_A, counts_E, drop_fraction)
+    return Dispatch(order_A // K, weight_A, counts_E, drop_fraction, slot_A=order_A)
 
 
 def expert_choice_dispatch(routing: Routing, capacity: int, route_scale: float) -> Dispatch:
@@ -353,6 +462,7 @@ def expert_choice_dispatch(routing: Routing, capacity: int, route_scale: float) 
     counts_E = torch.full((E,), C, dtype=torch.long, device=scores_TE.device)
     taken_T = torch.zeros(T, dtype=torch.bool, device=scores_TE.device).index_fill_(0, token_A, True)
     return Dispatch(token_A, weight_A * route_scale, counts_E, 1 - taken_T.float().mean())
+
 
 
 # -----------------------------------------------------------------------------
@@ -430,13 +540,21 @@ class MoE(nn.Module):
             capacity = math.ceil((cfg.capacity_factor or 1.0) * T * cfg.experts_per_token / cfg.n_experts)
             plan = expert_choice_dispatch(routing, capacity, cfg.route_scale)
 
-        # gather -> experts -> weighted scatter-add back to the tokens
-        out_AD = self.experts(x_TD[plan.token_A], plan.counts_E)
-        out_AD = out_AD * plan.weight_A.to(out_AD.dtype).unsqueeze(-1)
-        y_TD = torch.zeros_like(x_TD).index_add_(0, plan.token_A, out_AD)
+        # gather -> experts -> weighted sum back to the tokens
+        if plan.slot_A is not None:
+            # token choice: token t owns slots t*K .. t*K+K-1; dropped slots stay zero
+            K = cfg.experts_per_token
+            slots = RowMap(plan.slot_A, T * K)
+            x_AD = slots.pick(x_TD.unsqueeze(1).expand(T, K, cfg.d_model).reshape(T * K, cfg.d_model))
+            out_AD = self.experts(x_AD, plan.counts_E, plan.weight_A)
+            y_TD = slots.place(out_AD).view(T, K, cfg.d_model).sum(dim=1)  # fixed order: deterministic
+        else:
+            # expert choice: a token can reach any number of experts
+            out_AD = self.experts(x_TD.index_select(0, plan.token_A), plan.counts_E, plan.weight_A)
+            y_TD = torch.zeros_like(x_TD).index_add_(0, plan.token_A, out_AD)
 
         if self.shared is not None:
-            shared_TD = self.shared(x_TD)
+            shared_TD = self.shared.down(SwiGLUActivation.apply(self.shared.gate_up(x_TD)))
             if self.shared_gate is not None:
                 shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
             y_TD = y_TD + shared_TD
