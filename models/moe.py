@@ -154,56 +154,61 @@ class MoEConfig:
 
 
 # -----------------------------------------------------------------------------
-# moving rows: pick and place along an injective row map, each the other's backward
+# moving rows between tokens and expert rows
 #
-# Autograd would take index_select's backward through index_add_, which on a
-# multi-threaded CPU is many times slower than a gather. When every row goes to
-# its own slot the adjoint of a gather is a gather by the inverse map, so both
-# directions stay gathers (and deterministic).
+# Under token choice token t owns K slots, t*K + k. A kept assignment joins a
+# slot to one row of the experts' input (rows grouped by expert, maybe padded).
+# Dispatch copies each token into its rows; combine sums each token's rows in
+# slot order (deterministic). The two are each other's adjoint, so each one's
+# backward is the other, and both stay gathers: autograd would take a gather's
+# backward through index_add_, many times slower on a multi-threaded CPU.
 
-class RowMap:
-    """Row a of an (A, D) tensor sits at slot pos_A[a] of an (N, D) one; other slots are zero."""
+class SlotMap:
+    def __init__(self, slot_A: torch.Tensor, row_A: torch.Tensor, T: int, K: int, n_rows: int):
+        A = slot_A.numel()
+        self.T, self.K = T, K
+        # row -> its token, or T (a zero row appended) for a padding row
+        self.token_N = torch.full((n_rows,), T, dtype=slot_A.dtype, device=slot_A.device)
+        self.token_N[row_A] = slot_A // K
+        # slot -> its row, or n_rows (a zero row appended) for a dropped assignment
+        self.row_S = torch.full((T * K,), n_rows, dtype=slot_A.dtype, device=slot_A.device)
+        self.row_S[slot_A] = row_A
+        self.pad_rows, self.dropped = A < n_rows, A < T * K
 
-    def __init__(self, pos_A: torch.Tensor, n_slots: int):
-        A = pos_A.numel()
-        self.pos_A, self.holes = pos_A, A < n_slots
-        # inv_N[s]: the row in slot s, or A (a zero row appended) for an empty slot
-        self.inv_N = torch.full((n_slots,), A, dtype=pos_A.dtype, device=pos_A.device)
-        self.inv_N[pos_A] = torch.arange(A, device=pos_A.device)
+    def dispatch(self, x_TD: torch.Tensor) -> torch.Tensor:  # (T, D) -> (N, D)
+        return _Dispatch.apply(x_TD, self)
 
-    def pick(self, v_ND: torch.Tensor) -> torch.Tensor:  # (N, D) -> (A, D)
-        return _Pick.apply(v_ND, self)
+    def combine(self, out_ND: torch.Tensor) -> torch.Tensor:  # (N, D) -> (T, D)
+        return _Combine.apply(out_ND, self)
 
-    def place(self, v_AD: torch.Tensor) -> torch.Tensor:  # (A, D) -> (N, D)
-        return _Place.apply(v_AD, self)
+    def _dispatch(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return (F.pad(x_TD, (0, 0, 0, 1)) if self.pad_rows else x_TD).index_select(0, self.token_N)
 
-    def _pick(self, v_ND: torch.Tensor) -> torch.Tensor:
-        return v_ND.index_select(0, self.pos_A)
-
-    def _place(self, v_AD: torch.Tensor) -> torch.Tensor:
-        return (F.pad(v_AD, (0, 0, 0, 1)) if self.holes else v_AD).index_select(0, self.inv_N)
+    def _combine(self, out_ND: torch.Tensor) -> torch.Tensor:
+        out_SD = (F.pad(out_ND, (0, 0, 0, 1)) if self.dropped else out_ND).index_select(0, self.row_S)
+        return out_SD.view(self.T, self.K, -1).sum(dim=1)
 
 
-class _Pick(torch.autograd.Function):
+class _Dispatch(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, v_ND, rows):
-        ctx.rows = rows
-        return rows._pick(v_ND)
-
-    @staticmethod
-    def backward(ctx, g_AD):
-        return ctx.rows._place(g_AD), None
-
-
-class _Place(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, v_AD, rows):
-        ctx.rows = rows
-        return rows._place(v_AD)
+    def forward(ctx, x_TD, slots):
+        ctx.slots = slots
+        return slots._dispatch(x_TD)
 
     @staticmethod
     def backward(ctx, g_ND):
-        return ctx.rows._pick(g_ND), None
+        return ctx.slots._combine(g_ND), None
+
+
+class _Combine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, out_ND, slots):
+        ctx.slots = slots
+        return slots._combine(out_ND)
+
+    @staticmethod
+    def backward(ctx, g_TD):
+        return ctx.slots._dispatch(g_TD.contiguous()), None
 
 
 # -----------------------------------------------------------------------------
@@ -260,21 +265,15 @@ class RoutedExperts(nn.Module):
             return True
         return self.dispatch == "auto" and counts_E.numel() * counts_E.max().item() <= 1.25 * counts_E.sum().item()
 
-    def forward(self, x_AD: torch.Tensor, counts_E: torch.Tensor, weight_A: torch.Tensor) -> torch.Tensor:
-        """x_AD: rows grouped by expert, counts_E[e] rows for expert e, in order; weight_A: combine weights."""
+    def forward(self, x_AD: torch.Tensor, counts_E: torch.Tensor, weight_A: torch.Tensor,
+                padded: bool = False) -> torch.Tensor:
+        """x_AD: rows grouped by expert, counts_E[e] rows for expert e, in order; weight_A: combine
+        weights. padded: every expert has the same number of rows (padding rows are zero)."""
         E, H, D = self.w_down.shape
         weight_A1 = weight_A.to(x_AD.dtype).unsqueeze(-1)
-        if self.wants_padding(counts_E):
-            # every group padded with zero rows to the largest, M: (A, D) -> (E*M, D) -> (E, M, D)
-            M = int(counts_E.max())
-            expert_A = torch.repeat_interleave(torch.arange(E, device=x_AD.device), counts_E)
-            starts_E = counts_E.cumsum(0) - counts_E
-            rank_A = torch.arange(x_AD.shape[0], device=x_AD.device) - starts_E[expert_A]
-            rows = RowMap(expert_A * M + rank_A, E * M)
-            x_AD = rows.place(x_AD).view(E, M, D)
-            weight_A1 = rows.place(weight_A1).view(E, M, 1)
-            out_AD = self.swiglu(x_AD, weight_A1, torch.bmm)
-            return rows.pick(out_AD.view(E * M, D))
+        if padded:  # (E*M, D) -> (E, M, D): one batched matmul per projection
+            out_EMD = self.swiglu(x_AD.view(E, -1, D), weight_A1.view(E, -1, 1), torch.bmm)
+            return out_EMD.flatten(0, 1)
         if self.uses_grouped_mm(x_AD):
             offs_E = counts_E.cumsum(0, dtype=torch.int32)  # cumulative ends, as grouped_mm wants
             return self.swiglu(x_AD, weight_A1, lambda a, w: F.grouped_mm(a, w, offs=offs_E))
@@ -541,16 +540,23 @@ class MoE(nn.Module):
             plan = expert_choice_dispatch(routing, capacity, cfg.route_scale)
 
         # gather -> experts -> weighted sum back to the tokens
-        if plan.slot_A is not None:
-            # token choice: token t owns slots t*K .. t*K+K-1; dropped slots stay zero
-            K = cfg.experts_per_token
-            slots = RowMap(plan.slot_A, T * K)
-            x_AD = slots.pick(x_TD.unsqueeze(1).expand(T, K, cfg.d_model).reshape(T * K, cfg.d_model))
-            out_AD = self.experts(x_AD, plan.counts_E, plan.weight_A)
-            y_TD = slots.place(out_AD).view(T, K, cfg.d_model).sum(dim=1)  # fixed order: deterministic
+        if plan.slot_A is not None:  # token choice
+            counts_E, row_A = plan.counts_E, torch.arange(plan.slot_A.numel(), device=x_TD.device)
+            padded = self.experts.wants_padding(counts_E)
+            if padded:  # every expert's group padded with zero rows to the largest, M
+                E, M = counts_E.numel(), int(counts_E.max())
+                expert_A = torch.repeat_interleave(torch.arange(E, device=x_TD.device), counts_E)
+                row_A = expert_A * M + row_A - (counts_E.cumsum(0) - counts_E)[expert_A]
+                counts_E = torch.full_like(counts_E, M)
+            n_rows = int(counts_E.sum())
+            slots = SlotMap(plan.slot_A, row_A, T, cfg.experts_per_token, n_rows)
+            weight_N = plan.weight_A.new_zeros(n_rows).index_copy(0, row_A, plan.weight_A) if padded else plan.weight_A
+            out_ND = self.experts(slots.dispatch(x_TD), counts_E, weight_N, padded)
+            y_TD = slots.combine(out_ND)
         else:
             # expert choice: a token can reach any number of experts
-            out_AD = self.experts(x_TD.index_select(0, plan.token_A), plan.counts_E, plan.weight_A)
+            out_AD = self.experts(x_TD.index_select(0, plan.token_A), plan.counts_E, plan.weight_A,
+                                  padded=self.experts.wants_padding(plan.counts_E))  # groups are equal
             y_TD = torch.zeros_like(x_TD).index_add_(0, plan.token_A, out_AD)
 
         if self.shared is not None:
