@@ -72,7 +72,7 @@ class MoEConfig:
     # bmm), "auto" (padded_bmm while padding adds <= 25% rows, else grouped_mm),
     # "loop" (a Python loop over experts). On a busy multi-core CPU grouped_mm
     # pays a thread sync per expert and per matmul; one bmm pays it once.
-    dispatch: str = "grouped_mm"
+    dispatch: str = "auto"
     init_std: float = 0.02  # normal init of the router and every expert weight
 
     def __post_init__(self):
