@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import matplotlib
+from omegaconf import OmegaConf
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -63,6 +64,59 @@ def cost_table(stages: dict, res: dict) -> str:
     return _table(["cost", "value"], rows)
 
 
+def setup_text(cfg: dict, stages: dict, res: dict) -> list[str]:
+    """What was run, read from the resolved config."""
+    d, m, p, t = cfg["data"], cfg["model"], cfg["prag"], cfg["translator"]
+    base = stages["base"]
+    if base.get("pretrained_here"):
+        model = (
+            f"a tiny Llama ({m['layers']} layers, width {m['hidden']}, {base['parameters']:,} parameters, BPE vocabulary "
+            f"{m['vocab_size']}) pretrained here for {base['pretrain_steps']} steps ({base['pretrain_seconds']:.0f}s) on the synthetic corpus"
+        )
+    else:
+        model = f"the local model `{base['base_model']}`"
+    data = (
+        f"{d['n_train_docs']} training and {d['n_test_docs']} held-out documents about generated fictional people "
+        "(5 facts each; entities disjoint between the splits); augmentations = a rewrite + one QA pair per fact; "
+        "evaluation questions use other wordings than the augmentation QA"
+        if d["source"] == "synthetic" else f"documents from `{d['train_file']}` (train) and `{d['test_file']}` (test)"
+    )
+    return [
+        f"- Base model: {model}.",
+        f"- Data: {data}.",
+        f"- PRAG (stage 1): LoRA rank {p['rank']}, alpha {p['alpha']:g} on {', '.join(p['target_modules'])}, "
+        f"lr {p['lr']:g}, {p['epochs']} epochs, batch size 1 per document, same initialization for every document.",
+        f"- Translator (stage 2): designs {', '.join(t['designs'])}, width {t['hidden']}, {t['pooling']}-token document embedding, "
+        f"{t['epochs']} epochs, lr {t['lr']:g}; loss = LM + {t['lambda_kl']:g} KL + {t['lambda_mse']:g} MSE.",
+        "- EM/F1: SQuAD answer normalization, greedy decoding. \"Seen\" rows use training documents' "
+        "evaluation questions: what the translator does on documents it was trained on.",
+    ]
+
+
+def observations(res: dict) -> list[str]:
+    """Plain statements read off the numbers (no tuning, no selection)."""
+    r = res["rows"]
+    em = lambda row: row["em"]  # noqa: E731
+    out = [
+        f"- Standard RAG {em(r['Standard RAG']):.1f} EM vs Vanilla {em(r['Vanilla']):.1f}: the base model "
+        f"{'reads' if em(r['Standard RAG']) > em(r['Vanilla']) + 10 else 'barely reads'} the passage in its prompt.",
+        f"- PRAG {em(r['PRAG']):.1f} EM vs Standard RAG {em(r['Standard RAG']):.1f}; PRAG-Combine {em(r['PRAG-Combine']):.1f}.",
+    ]
+    for design, d in res["designs"].items():
+        dr = d["rows"]
+        gain = em(dr["DyPRAG"]) - max(em(r["Vanilla"]), em(dr["Shuffled doc (control)"]), em(r["Mean LoRA (control)"]))
+        out.append(
+            f"- `{design}`: DyPRAG {em(dr['DyPRAG']):.1f} EM on held-out documents vs {em(dr['DyPRAG (training docs)']):.1f} on seen ones; "
+            f"best of Vanilla / shuffled / mean-LoRA controls {em(dr['DyPRAG']) - gain:.1f} "
+            f"({'DyPRAG above the controls by ' + format(gain, '.1f') if gain > 0 else 'DyPRAG not above the controls'}). "
+            f"DyPRAG-Combine {em(dr['DyPRAG-Combine']):.1f} vs Standard RAG {em(r['Standard RAG']):.1f}. "
+            f"Generated LoRAs of different documents have cosine {d['generated_cosine_between_docs']:.2f} "
+            f"(PRAG targets: {res['target_cosine_between_docs']:.2f}); cosine to their own target "
+            f"{d['cosine_generated_vs_own_target']:.3f} vs {d['cosine_generated_vs_other_target']:.3f} to other documents' targets."
+        )
+    return out
+
+
 def _plots(run: Path, res: dict) -> list[str]:
     names = []
     # EM per row and design
@@ -98,16 +152,18 @@ def write_report(run: Path) -> str:
     """results.md (returned) and plots, from the run's stage markers and eval/results.json."""
     run = Path(run)
     stages, res = _load(run)
-    base = stages["base"]
-    base_line = (
-        f"tiny Llama pretrained here: {base['parameters']:,} parameters, {base['pretrain_steps']} steps in {base['pretrain_seconds']:.0f}s"
-        if base.get("pretrained_here") else f"local model {base['base_model']}"
-    )
+    cfg = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"))
     parts = [
         f"# DyPRAG results: {run.name}",
         "",
-        f"Base model: {base_line}. Test documents: {res['n_test_docs']} (entities disjoint from training documents); "
-        "EM/F1 with SQuAD normalization, greedy decoding. Config: `config.yaml` in the run directory.",
+        f"Written by `python -m train.dyprag <config>` (or `python -m train.dyprag report {run}`); "
+        "the resolved config is `config.yaml` in the run directory.",
+        "",
+        *setup_text(cfg, stages, res),
+        "",
+        "## Observations",
+        "",
+        *observations(res),
     ]
     for design in res["designs"]:
         parts += ["", f"## Quality, translator design `{design}`", "", quality_table(res, design)]
