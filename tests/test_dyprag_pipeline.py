@@ -7,7 +7,6 @@ resumed; the tests then read what it wrote.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
