@@ -5,11 +5,13 @@
 For each config it times, interleaved round-robin so machine noise hits all alike:
   moe           this layer as configured by default (dispatch="auto": here one padded bmm)
   moe_grouped   this layer with dispatch="grouped_mm"
-  moe_loop      this layer with the per-expert loop fallback
   dense_floor   a dense SwiGLU with the same active FLOPs per token (what no sparse layer can beat),
                 with the same cat-free activation backward the MoE uses
   dense_swiglu  the same, as models.transformer.SwiGLU computes it (autograd's own backward)
-  hf_<impl>     transformers' Qwen2MoeSparseMoeBlock under each experts implementation
+  hf_<impl>     transformers' Qwen2MoeSparseMoeBlock under each experts implementation;
+                batched_mm gathers a full copy of the expert weights for every
+                token-expert pair (T*K*3*H*D floats, 9.6 GB forward alone on the fine
+                config), so it is skipped, and said so, above --max-gib
 Ratios are taken against the faster dense variant. Peak memory is the high-water
 mark of tensor storage created during one forward+backward (tracked op by op
 with a dispatch mode), above what was live before it. Prints a table, then one
@@ -47,7 +49,7 @@ class DenseFloor(SwiGLU):
 
 def build(name: str, cfg: MoEConfig) -> nn.Module:
     if name.startswith("moe"):
-        dispatch = {"moe": "auto", "moe_grouped": "grouped_mm", "moe_loop": "loop"}[name]
+        dispatch = {"moe": "auto", "moe_grouped": "grouped_mm"}[name]
         return MoE(MoEConfig(**{**cfg.__dict__, "dispatch": dispatch}))
     if name.startswith("dense"):
         cls = DenseFloor if name == "dense_floor" else SwiGLU
@@ -101,23 +103,30 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=9, help="timed rounds per candidate (median reported)")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--configs", default="fine,coarse", help=f"comma list from {list(CONFIGS)}")
+    ap.add_argument("--max-gib", type=float, default=4.0,
+                    help="skip hf_batched_mm when its per-pair weight copies would exceed this")
     args = ap.parse_args()
     names = [c for c in args.configs.split(",") if c]
     bad = [c for c in names if c not in CONFIGS]
     if bad or args.repeats < 1 or args.tokens < 1:
         raise SystemExit(f"--configs must be from {list(CONFIGS)} (got {bad}); --repeats and --tokens must be >= 1")
 
-    candidates = ["moe", "moe_grouped", "moe_loop", "dense_floor", "dense_swiglu"] + [f"hf_{i}" for i in HF_IMPLS]
-    rows, summary = [], {}
+    candidates = ["moe", "moe_grouped", "dense_floor", "dense_swiglu"] + [f"hf_{i}" for i in HF_IMPLS]
+    rows, summary, skipped = [], {}, []
     for cname in names:
         cfg = MoEConfig(**CONFIGS[cname])
         torch.manual_seed(0)
-        models = {n: build(n, cfg) for n in candidates}
+        pair_gib = args.tokens * cfg.experts_per_token * 3 * cfg.hidden_per_expert * cfg.d_model * 4 / 2**30
+        todo = [n for n in candidates if n != "hf_batched_mm" or pair_gib <= args.max_gib]
+        if len(todo) < len(candidates):
+            skipped.append(f"{cname}: hf_batched_mm skipped, its per-pair weight copies need {pair_gib:.1f} GiB "
+                           f"forward alone (> --max-gib {args.max_gib})")
+        models = {n: build(n, cfg) for n in todo}
         x = torch.randn(args.tokens // 8, 8, cfg.d_model, requires_grad=True)
         g = torch.randn_like(x)
         for m in models.values():  # warm up (allocator, oneDNN kernels)
             step(m, x, g)
-        times = {n: [] for n in candidates}
+        times = {n: [] for n in todo}
         for _ in range(args.repeats):
             for n, m in models.items():
                 m.zero_grad(set_to_none=True)
@@ -128,9 +137,9 @@ def main() -> None:
         med = {n: statistics.median(t) * 1e3 for n, t in times.items()}
         peak = {n: peak_bytes(m, x, g) / 2**20 for n, m in models.items()}
         floor = min(("dense_floor", "dense_swiglu"), key=med.get)
-        for n in candidates:
+        for n in todo:
             rows.append((cname, n, med[n], min(times[n]) * 1e3, peak[n], med[n] / med[floor]))
-        hf_best = min((n for n in candidates if n.startswith("hf_")), key=med.get)
+        hf_best = min((n for n in todo if n.startswith("hf_")), key=med.get)
         summary[cname] = {
             "moe_over_dense": round(med["moe"] / med[floor], 3),
             "moe_grouped_over_dense": round(med["moe_grouped"] / med[floor], 3),
@@ -146,6 +155,8 @@ def main() -> None:
     print(f"{'config':8s} {'impl':16s} {'median ms':>10s} {'min ms':>8s} {'peak MiB':>9s} {'/dense':>7s}")
     for cname, n, m, lo, pk, r in rows:
         print(f"{cname:8s} {n:16s} {m:10.1f} {lo:8.1f} {pk:9.1f} {r:7.2f}")
+    for line in skipped:
+        print(line)
     print(json.dumps(summary))
 
 

@@ -1,10 +1,12 @@
 """Mixture-of-Experts feed-forward layer (DeepSeekMoE / DeepSeek-V3 / Mixtral / Qwen2-MoE family).
 
-Read top to bottom: config, experts, router, balance losses, dispatch, the layer.
-Tensor names carry their shape: T tokens, D model width, E routed experts,
-K experts per token, H hidden width of one expert, A token-expert assignments
-that reach an expert (T*K when nothing is dropped), B sequences, S tokens per
-sequence, C tokens per expert under expert-choice routing.
+Read top to bottom: config, moving rows, experts, router, balance losses,
+dispatch plans, the layer. Tensor names carry their shape: T tokens, D model
+width, E routed experts, K experts per token, H hidden width of one expert,
+A token-expert assignments that reach an expert (T*K when nothing is dropped),
+N rows the experts run (A, or E*M when every expert is padded to M rows),
+B sequences, S tokens per sequence (or T*K slots in SlotMap), C tokens per
+expert under expert-choice routing.
 
     y, aux = MoE(MoEConfig(...))(x)          # x: (B, S, D) or (T, D)
     loss = task_loss + sum(aux.losses.values())
@@ -417,7 +419,7 @@ def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
 
 
 # -----------------------------------------------------------------------------
-# dispatch: which assignment goes to which expert, in expert order
+# dispatch plans: which assignment goes to which expert, in expert order
 
 @dataclass
 class Dispatch:
