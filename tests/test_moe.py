@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from models.moe import MoE, MoEConfig
+from models.moe import MoE, MoEConfig, token_choice_dispatch
 from models.transformer import SwiGLU
 
 REPO = Path(__file__).resolve().parents[1]
@@ -276,7 +276,6 @@ def test_assignments_conserved(capacity_factor):
     T = 64
     x = torch.randn(T, 16) + torch.randn(16)  # shared offset: a skewed load that overflows
     routing = moe.router(x)
-    from models.moe import token_choice_dispatch
     plan = token_choice_dispatch(routing, cfg.capacity(T))
     routed = plan.counts_E.sum().item()
     expected_kept = torch.bincount(routing.idx_TK.flatten(), minlength=8).clamp(max=cfg.capacity(T)).sum().item()
@@ -457,7 +456,7 @@ def test_bias_accumulates_micro_batches_and_skips_eval():
 DDP_SCRIPT = textwrap.dedent("""
     import os, sys, torch, torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
-    from models.moe import MoE, MoEConfig
+    from models.moe import MoE, MoEConfig, token_choice_dispatch
 
     rank, world = int(sys.argv[1]), 2
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -508,7 +507,6 @@ def test_bias_identical_across_ddp_ranks(tmp_path):
 # -----------------------------------------------------------------------------
 # parity with transformers (weights copied over; each block in float32, eval mode)
 
-transformers = pytest.importorskip("transformers")
 IMPLS = ["eager", "grouped_mm", "batched_mm"]
 
 
