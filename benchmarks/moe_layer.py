@@ -5,14 +5,13 @@
 For each config it times, interleaved round-robin so machine noise hits all alike:
   moe           this layer as configured by default (dispatch="auto": here one padded bmm)
   moe_grouped   this layer with dispatch="grouped_mm"
-  dense_floor   a dense SwiGLU with the same active FLOPs per token (what no sparse layer can beat),
-                with the same cat-free activation backward the MoE uses
-  dense_swiglu  the same, as models.transformer.SwiGLU computes it (autograd's own backward)
+  dense_floor   models.transformer.SwiGLU with the same active FLOPs per token (what no sparse
+                layer can beat), with the same cat-free activation backward the MoE uses
   hf_<impl>     transformers' Qwen2MoeSparseMoeBlock under each experts implementation;
                 batched_mm gathers a full copy of the expert weights for every
                 token-expert pair (T*K*3*H*D floats, 9.6 GB forward alone on the fine
                 config), so it is skipped, and said so, above --max-gib
-Ratios are taken against the faster dense variant. Peak memory is the high-water
+Ratios are taken against the dense floor. Peak memory is the high-water
 mark of tensor storage created during one forward+backward (tracked op by op
 with a dispatch mode), above what was live before it. Prints a table, then one
 line of JSON with the ratios.
@@ -30,7 +29,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from models.moe import MoE, MoEConfig, SwiGLUActivation
+from models.moe import MoE, MoEConfig
 from models.transformer import SwiGLU
 
 CONFIGS = {
@@ -42,18 +41,12 @@ CONFIGS = {
 HF_IMPLS = ("eager", "grouped_mm", "batched_mm")
 
 
-class DenseFloor(SwiGLU):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(SwiGLUActivation.apply(self.gate_up(x)))
-
-
 def build(name: str, cfg: MoEConfig) -> nn.Module:
     if name.startswith("moe"):
         dispatch = {"moe": "auto", "moe_grouped": "grouped_mm"}[name]
         return MoE(MoEConfig(**{**cfg.__dict__, "dispatch": dispatch}))
     if name.startswith("dense"):
-        cls = DenseFloor if name == "dense_floor" else SwiGLU
-        return cls(cfg.d_model, cfg.experts_per_token * cfg.hidden_per_expert + cfg.shared_hidden)
+        return SwiGLU(cfg.d_model, cfg.experts_per_token * cfg.hidden_per_expert + cfg.shared_hidden)
     from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeConfig, Qwen2MoeSparseMoeBlock
     hf_cfg = Qwen2MoeConfig(hidden_size=cfg.d_model, moe_intermediate_size=cfg.hidden_per_expert,
                             shared_expert_intermediate_size=cfg.shared_hidden, num_experts=cfg.n_experts,
@@ -111,7 +104,7 @@ def main() -> None:
     if bad or args.repeats < 1 or args.tokens < 1:
         raise SystemExit(f"--configs must be from {list(CONFIGS)} (got {bad}); --repeats and --tokens must be >= 1")
 
-    candidates = ["moe", "moe_grouped", "dense_floor", "dense_swiglu"] + [f"hf_{i}" for i in HF_IMPLS]
+    candidates = ["moe", "moe_grouped", "dense_floor"] + [f"hf_{i}" for i in HF_IMPLS]
     rows, summary, skipped = [], {}, []
     for cname in names:
         cfg = MoEConfig(**CONFIGS[cname])
@@ -136,17 +129,15 @@ def main() -> None:
                 times[n].append(time.perf_counter() - t0)
         med = {n: statistics.median(t) * 1e3 for n, t in times.items()}
         peak = {n: peak_bytes(m, x, g) / 2**20 for n, m in models.items()}
-        floor = min(("dense_floor", "dense_swiglu"), key=med.get)
         for n in todo:
-            rows.append((cname, n, med[n], min(times[n]) * 1e3, peak[n], med[n] / med[floor]))
+            rows.append((cname, n, med[n], min(times[n]) * 1e3, peak[n], med[n] / med["dense_floor"]))
         hf_best = min((n for n in todo if n.startswith("hf_")), key=med.get)
         summary[cname] = {
-            "moe_over_dense": round(med["moe"] / med[floor], 3),
-            "moe_grouped_over_dense": round(med["moe_grouped"] / med[floor], 3),
-            "dense": floor,
+            "moe_over_dense": round(med["moe"] / med["dense_floor"], 3),
+            "moe_grouped_over_dense": round(med["moe_grouped"] / med["dense_floor"], 3),
             "moe_over_hf_best": round(med["moe"] / med[hf_best], 3),
             "hf_best": hf_best,
-            "moe_peak_over_dense": round(peak["moe"] / peak[floor], 3),
+            "moe_peak_over_dense": round(peak["moe"] / peak["dense_floor"], 3),
             "moe_peak_over_hf_best": round(peak["moe"] / peak[hf_best], 3),
         }
 

@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.transformer import SwiGLU
+from models.transformer import SwiGLU, SwiGLUActivation
 from models.validate import check
 
 
@@ -215,28 +215,6 @@ class _Combine(torch.autograd.Function):
 
 # -----------------------------------------------------------------------------
 # experts
-
-class SwiGLUActivation(torch.autograd.Function):
-    """silu(gate) * up of a fused [gate | up] tensor, with a hand-written backward that
-    writes d[gate | up] straight into one buffer: autograd's chunk backward would
-    concatenate the two halves, a full extra pass over the largest activation."""
-
-    @staticmethod
-    def forward(ctx, gate_up_AH2: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(gate_up_AH2)
-        gate_AH, up_AH = gate_up_AH2.chunk(2, dim=-1)
-        return F.silu(gate_AH) * up_AH
-
-    @staticmethod
-    def backward(ctx, d_AH: torch.Tensor) -> torch.Tensor:
-        (gate_up_AH2,) = ctx.saved_tensors
-        gate_AH, up_AH = gate_up_AH2.chunk(2, dim=-1)
-        d_gate_up_AH2 = torch.empty_like(gate_up_AH2)
-        d_gate_AH, d_up_AH = d_gate_up_AH2.chunk(2, dim=-1)
-        torch.mul(d_AH, F.silu(gate_AH), out=d_up_AH)
-        torch.ops.aten.silu_backward.grad_input(d_AH * up_AH, gate_AH, grad_input=d_gate_AH)
-        return d_gate_up_AH2
-
 
 class RoutedExperts(nn.Module):
     """E SwiGLU experts stored as 3-D weights, run on tokens already sorted by expert.
@@ -562,7 +540,7 @@ class MoE(nn.Module):
             y_TD = torch.zeros_like(x_TD).index_add_(0, plan.token_A, out_AD)
 
         if self.shared is not None:
-            shared_TD = self.shared.down(SwiGLUActivation.apply(self.shared.gate_up(x_TD)))
+            shared_TD = self.shared(x_TD)
             if self.shared_gate is not None:
                 shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
             y_TD = y_TD + shared_TD

@@ -91,6 +91,28 @@ class CausalSelfAttention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(B, T, D))
 
 
+class SwiGLUActivation(torch.autograd.Function):
+    """silu(gate) * up of a fused [gate | up] tensor, with a hand-written backward that
+    writes d[gate | up] straight into one buffer: autograd's chunk backward would
+    concatenate the two halves, a full extra pass over the largest activation."""
+
+    @staticmethod
+    def forward(ctx, gate_up_AH2: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate_up_AH2)
+        gate_AH, up_AH = gate_up_AH2.chunk(2, dim=-1)
+        return F.silu(gate_AH) * up_AH
+
+    @staticmethod
+    def backward(ctx, d_AH: torch.Tensor) -> torch.Tensor:
+        (gate_up_AH2,) = ctx.saved_tensors
+        gate_AH, up_AH = gate_up_AH2.chunk(2, dim=-1)
+        d_gate_up_AH2 = torch.empty_like(gate_up_AH2)
+        d_gate_AH, d_up_AH = d_gate_up_AH2.chunk(2, dim=-1)
+        torch.mul(d_AH, F.silu(gate_AH), out=d_up_AH)
+        torch.ops.aten.silu_backward.grad_input(d_AH * up_AH, gate_AH, grad_input=d_gate_AH)
+        return d_gate_up_AH2
+
+
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)), with gate and up fused in one matmul."""
 
@@ -100,8 +122,7 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(SwiGLUActivation.apply(self.gate_up(x)))
 
 
 class Block(nn.Module):
@@ -146,7 +167,7 @@ class Transformer(nn.Module):
         self.apply(self._init)
         # scale the residual-branch outputs down with depth (GPT-2), so the stream's variance stays put
         for name, p in self.named_parameters():
-            if name.endswith(("attn.out.weight", "ffn.down.weight")):
+            if name.endswith(("attn.out.weight", "down.weight", "experts.w_down")):
                 nn.init.normal_(p, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
 
     def _init(self, m: nn.Module) -> None:
