@@ -72,9 +72,10 @@ class MoEConfig:
     # how the experts run on their tokens: "grouped_mm" (one grouped matmul per
     # projection), "padded_bmm" (every expert's group padded to the largest, one
     # bmm), "auto" (padded_bmm while padding adds <= 25% rows, else grouped_mm),
-    # "loop" (a Python loop over experts). On a busy multi-core CPU grouped_mm
-    # pays a thread sync per expert and per matmul; one bmm pays it once.
-    dispatch: str = "auto"
+    # "loop" (a Python loop over experts). grouped_mm is fastest on a quiet CPU;
+    # on an oversubscribed one it pays a thread sync per expert and per matmul,
+    # while one bmm pays it once, so "auto" can be the better choice there.
+    dispatch: str = "grouped_mm"
     init_std: float = 0.02  # normal init of the router and every expert weight
 
     def __post_init__(self):

@@ -332,8 +332,7 @@ def test_backward_from_sum(dispatch):
 
 
 def test_auto_dispatch_pads_only_when_cheap():
-    experts = MoE(MoEConfig(d_model=16, n_routed_experts=4, expert_hidden=16, top_k=1)).experts
-    assert experts.dispatch == "auto"
+    experts = MoE(MoEConfig(d_model=16, n_routed_experts=4, expert_hidden=16, top_k=1, dispatch="auto")).experts
     assert experts.wants_padding(torch.tensor([10, 12, 11, 11]))  # 48 rows padded from 44: +9%
     assert not experts.wants_padding(torch.tensor([30, 4, 5, 5]))  # 120 rows from 44: grouped_mm
 
