@@ -104,11 +104,13 @@ def observations(res: dict) -> list[str]:
     ]
     for design, d in res["designs"].items():
         dr = d["rows"]
-        gain = em(dr["DyPRAG"]) - max(em(r["Vanilla"]), em(dr["Shuffled doc (control)"]), em(r["Mean LoRA (control)"]))
+        control = max(em(r["Vanilla"]), em(dr["Shuffled doc (control)"]), em(r["Mean LoRA (control)"]))
+        gap, p, n = em(dr["DyPRAG"]) - control, em(dr["DyPRAG"]) / 100, dr["DyPRAG"]["n"]
+        noise = 2 * 100 * max(p * (1 - p), 1 / n) ** 0.5 / n**0.5  # ~2 standard errors of an EM over n questions
+        verdict = "above them" if gap > noise else "not clearly above them (within ~2 standard errors)" if gap > -noise else "below them"
         out.append(
             f"- `{design}`: DyPRAG {em(dr['DyPRAG']):.1f} EM on held-out documents vs {em(dr['DyPRAG (training docs)']):.1f} on seen ones; "
-            f"best of Vanilla / shuffled / mean-LoRA controls {em(dr['DyPRAG']) - gain:.1f} "
-            f"({'DyPRAG above the controls by ' + format(gain, '.1f') if gain > 0 else 'DyPRAG not above the controls'}). "
+            f"best of the Vanilla / shuffled / mean-LoRA controls {control:.1f}: DyPRAG is {verdict} ({gap:+.1f}, 2 s.e. ~{noise:.1f}). "
             f"DyPRAG-Combine {em(dr['DyPRAG-Combine']):.1f} vs Standard RAG {em(r['Standard RAG']):.1f}. "
             f"Generated LoRAs of different documents have cosine {d['generated_cosine_between_docs']:.2f} "
             f"(PRAG targets: {res['target_cosine_between_docs']:.2f}); cosine to their own target "
