@@ -16,7 +16,7 @@ from models.translator import ParameterTranslator, TranslatorConfig, embed_docum
 from train import dyprag
 from train.dyprag_base import load_base
 from train.dyprag_data import load_docs_jsonl, make_knowledge_set
-from train.dyprag_eval import delta_matrix, exact_match, f1_score, mean_lora, normalize_answer
+from train.dyprag_metrics import delta_matrix, exact_match, f1_score, mean_lora, normalize_answer
 from train.dyprag_prag import initial_lora, train_batched, train_peft
 
 SMOKE = "configs/dyprag/smoke.yaml"

@@ -26,7 +26,7 @@ from models.lora import find_lora_targets, load_loras
 from models.translator import embed_documents, load_translator
 from train.checkpoint import atomic_write_text
 from train.dyprag_base import load_base
-from train.dyprag_eval import (
+from train.dyprag_metrics import (
     answer,
     delta_matrix,
     exact_match,

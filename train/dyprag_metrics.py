@@ -1,4 +1,4 @@
-"""Stage 3 pieces: greedy answers with per-question LoRAs, SQuAD EM/F1, LoRA similarity.
+"""Stage 3 metrics: greedy answers with per-question LoRAs, SQuAD EM/F1, LoRA similarity.
 
 Every evaluation row is the same closed-book or reading-comprehension prompt
 with some LoRA per question (or none); `answer` runs them all through one
