@@ -60,6 +60,7 @@ SWEEP_KEYS = {
     "jobs": "runs at once (default 1; --jobs overrides)",
     "analyze": "true: routing-by-domain analysis of each MoE variant's first seed",
     "expect": "claims to check, e.g. 'val_loss: a < b < c' (a has the lowest value)",
+    "notes": "observations by whoever ran the sweep, printed under the claims",
 }
 METRICS = ("val_loss", "max_vio", "drop_fraction", "tokens_per_s")  # names `expect` may use
 TAIL = 0.2  # layer metrics are averaged over the logged steps of the last 20% of training
@@ -98,6 +99,7 @@ class Sweep:
     analyze: bool = False
     description: str = ""
     expect: list[str] = field(default_factory=list)
+    notes: str = ""
 
     @property
     def dir(self) -> Path:
@@ -198,7 +200,7 @@ def load_sweep(path: str | Path) -> Sweep:
                   out_dir=Path(raw.get("out_dir", "runs/sweeps")), variants=variants,
                   common=_mapping(raw.get("set") or {}, "set", path), seeds=seeds, jobs=jobs,
                   analyze=bool(raw.get("analyze", False)), description=str(raw.get("description", "")).strip(),
-                  expect=list(expect))
+                  expect=list(expect), notes=str(raw.get("notes", "")).strip())
     for run in sweep.runs():  # every variant's config, before the first run starts (seeds are plain ints)
         if run.seed != seeds[0]:
             continue
@@ -373,7 +375,8 @@ def collect(sweep: Sweep) -> list[dict]:
         done = [r for r in runs if (r.run_dir / DONE_MARKER).exists()]
         summaries = [_summary(r.run_dir) for r in done]
         metrics = [plots.read_metrics(r.run_dir / "metrics.jsonl") for r in done]
-        row: dict[str, Any] = {"variant": variant, "seeds_done": len(done), "seeds": len(runs)}
+        row: dict[str, Any] = {"variant": variant, "seeds_done": len(done), "seeds": len(runs),
+                               "val_loss_per_seed": {r.seed: s.get("final_val_loss") for r, s in zip(done, summaries)}}
         for key, values in (("val_loss", [s.get("final_val_loss") for s in summaries]),
                             ("max_vio", [layer_metric(m, "max_vio") for m in metrics]),
                             ("drop_fraction", [layer_metric(m, "drop_fraction") for m in metrics]),
@@ -438,11 +441,11 @@ def write_results(sweep: Sweep, report: Path | None = None) -> list[dict]:
     d = sweep.dir
     d.mkdir(parents=True, exist_ok=True)
     cols = ["variant", "seeds_done", "seeds", *(f"{k}_{s}" for k in METRICS for s in ("mean", "std")),
-            "params", "active_params", "flops_per_token", "overrides", "failed"]
+            "val_loss_per_seed", "params", "active_params", "flops_per_token", "overrides", "failed"]
     with (d / "results.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
-        w.writerows(rows)
+        w.writerows({**r, "val_loss_per_seed": json.dumps(r["val_loss_per_seed"])} for r in rows)
 
     images = []
     curves = _val_curves(sweep)
@@ -481,10 +484,16 @@ def write_results(sweep: Sweep, report: Path | None = None) -> list[dict]:
            f"assignments dropped by capacity) are averaged over MoE layers and the logged steps of the last "
            f"{TAIL:.0%} of training; – where the variant has no MoE layer. Tokens/s is the median training "
            "throughput of each run on a shared 2-core CPU, so it is noisy.", ""]
+    md += ["Final validation loss of each seed:", "", f"| variant | {' | '.join(f'seed {s}' for s in sweep.seeds)} |",
+           f"|---|{'---|' * len(sweep.seeds)}",
+           *(f"| {r['variant']} | " + " | ".join(f"{r['val_loss_per_seed'][s]:.4f}" if s in r["val_loss_per_seed"] else "–"
+                                                for s in sweep.seeds) + " |" for r in rows), ""]
     claims = check_claims(sweep, rows)
     if claims:
         md += ["## Does the expected ordering hold?", "", *claims,
                "", "A gap counts as larger than the seed spread when it exceeds sqrt(std_a² + std_b²).", ""]
+    if sweep.notes:
+        md += ["## Notes", "", sweep.notes, ""]
     md += ["## Variants", "", *(f"- `{v}`: `{' '.join(as_overrides(ov)) or '(the common config)'}`"
                                 for v, ov in sweep.variants.items()), ""]
     failed = [r for r in rows if r["failed"]]
