@@ -33,11 +33,11 @@ def test_layer_placement_follows_first_k_dense_and_frequency():
 
 
 def test_trainer_adds_aux_losses_logs_layer_metrics_and_steps_the_bias(tmp_path):
-    cfg = load_config(LMRunConfig, ROOT / "configs/lm/tiny.yaml", [
-        f"out_dir={tmp_path}", "train.steps=20", "model.ffn=moe", "model.first_k_dense=1",
-        "moe.n_routed_experts=4", "moe.expert_hidden=32", "moe.top_k=2", "moe.balance_alpha=0.01",
-        "moe.z_loss_coef=0.001", "moe.bias_update_rate=0.01"])
-    summary = train(cfg)
+    overrides = [f"out_dir={tmp_path}", "train.steps=20", "model.ffn=moe", "model.first_k_dense=1",
+                 "moe.n_routed_experts=4", "moe.expert_hidden=32", "moe.top_k=2", "moe.balance_alpha=0.01",
+                 "moe.z_loss_coef=0.001", "moe.bias_update_rate=0.01"]
+    train(load_config(LMRunConfig, ROOT / "configs/lm/tiny.yaml", [*overrides, "train.stop_at=10"]))
+    summary = train(load_config(LMRunConfig, ROOT / "configs/lm/tiny.yaml", overrides), resume=True)
     run = Path(summary["run_dir"])
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     last = rows[-1]
@@ -46,7 +46,9 @@ def test_trainer_adds_aux_losses_logs_layer_metrics_and_steps_the_bias(tmp_path)
     assert {"layer1/max_vio", "layer1/drop_fraction", "layer1/router_entropy"} <= last.keys()
     assert (run / "expert_load.png").exists()
     assert summary["active_params"] < summary["params"]
-    weights, _ = ckpt.load_checkpoint(ckpt.latest_checkpoint(run))
+    weights, state = ckpt.load_checkpoint(ckpt.latest_checkpoint(run))
+    # the load heatmap's counts survive the resume: all 20 steps' routed assignments are in them
+    assert state["expert_load"]["1"].sum() == 20 * 8 * 32 * 2
     bias = weights["blocks.1.ffn.router.expert_bias"]
     assert bias.abs().sum() > 0, "20 bias steps of 0.01 should have moved the bias"
     assert abs(bias.mean().item()) < 1e-6, "the bias is re-centred to mean zero"

@@ -219,7 +219,11 @@ def train(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = False) ->
     world, rank = acc.num_processes, acc.process_index
     tokens_per_step = c.batch_size * c.grad_accum * world * c.seq_len
     n_windows = len(corpus.train.tokens) - c.seq_len - 1
-    expert_load = {i: 0 for i, b in enumerate(acc.unwrap_model(model).blocks) if isinstance(b.ffn, MoE)}
+    # routed tokens per expert since the run began (kept in checkpoints), for the load heatmap
+    expert_load = {i: torch.zeros(b.ffn.cfg.n_experts) for i, b in enumerate(acc.unwrap_model(model).blocks)
+                   if isinstance(b.ffn, MoE)}
+    if resume:
+        expert_load.update({int(i): load for i, load in state["expert_load"].items()})
     last_step = c.stop_at or c.steps
     metrics_file = run_dir / "metrics.jsonl"
     bar = tqdm(total=last_step, initial=step, disable=not (log.progress and acc.is_main_process), desc=cfg.run_name, unit="step")
@@ -229,7 +233,8 @@ def train(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = False) ->
         acc.wait_for_everyone()
         if acc.is_main_process:
             state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
-                     "data_rng": data_gen.get_state(), "step": step}
+                     "data_rng": data_gen.get_state(), "step": step,
+                     "expert_load": {str(i): load for i, load in expert_load.items()}}
             save_checkpoint(run_dir, step, acc.unwrap_model(model).state_dict(), state)
 
     while step < last_step:
@@ -247,7 +252,7 @@ def train(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = False) ->
                 acc.backward(objective / c.grad_accum)
             loss_sum += out.loss.detach().float().cpu()
             for i in expert_load:
-                expert_load[i] = expert_load[i] + out.aux[i].metrics["tokens_per_expert"].float().cpu()
+                expert_load[i] += out.aux[i].metrics["tokens_per_expert"].float().cpu()
         # mean over ranks: the logged loss is the global batch's, and every rank sees a NaN together
         train_loss = acc.reduce(loss_sum.to(acc.device) / c.grad_accum, reduction="mean").item()
         if not math.isfinite(train_loss):
