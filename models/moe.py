@@ -405,6 +405,7 @@ class Dispatch:
     token_A: torch.Tensor  # token of each kept assignment, grouped by expert
     weight_A: torch.Tensor  # its combine weight
     counts_E: torch.Tensor  # kept assignments per expert (sums to A)
+    routed_E: torch.Tensor  # assignments the router chose per expert, before capacity drops
     drop_fraction: torch.Tensor  # token choice: dropped / (T*K); expert choice: tokens no expert took / T
     slot_A: Optional[torch.Tensor] = None  # token choice: index t*K + k of each kept assignment
 
@@ -414,21 +415,21 @@ def token_choice_dispatch(routing: Routing, capacity: Optional[int]) -> Dispatch
     T, K = routing.idx_TK.shape
     E = routing.logits_TE.shape[-1]
     expert_A = routing.idx_TK.reshape(-1)  # (T*K,), assignment a is token a // K
+    routed_E = torch.bincount(expert_A, minlength=E)
     if capacity is None:
         order_A = expert_A.argsort(stable=True)
-        counts_E = torch.bincount(expert_A, minlength=E)
+        counts_E = routed_E
     else:
         # order by score (best first), then stably by expert: each expert's tokens best first
         by_score_A = routing.scores_TK.reshape(-1).argsort(descending=True, stable=True)
         order_A = by_score_A[expert_A[by_score_A].argsort(stable=True)]
-        counts_E = torch.bincount(expert_A, minlength=E)
-        starts_E = counts_E.cumsum(0) - counts_E
+        starts_E = routed_E.cumsum(0) - routed_E
         rank_A = torch.arange(T * K, device=expert_A.device) - starts_E[expert_A[order_A]]
         order_A = order_A[rank_A < capacity]
-        counts_E = counts_E.clamp(max=capacity)
+        counts_E = routed_E.clamp(max=capacity)
     weight_A = routing.weights_TK.reshape(-1).index_select(0, order_A)
     drop_fraction = routing.logits_TE.new_tensor(1 - order_A.numel() / (T * K))
-    return Dispatch(order_A // K, weight_A, counts_E, drop_fraction, slot_A=order_A)
+    return Dispatch(order_A // K, weight_A, counts_E, routed_E, drop_fraction, slot_A=order_A)
 
 
 def expert_choice_dispatch(routing: Routing, capacity: int, route_scale: float) -> Dispatch:
@@ -441,7 +442,7 @@ def expert_choice_dispatch(routing: Routing, capacity: int, route_scale: float) 
     token_A, weight_A = token_CE.t().reshape(-1), weight_CE.t().reshape(-1)
     counts_E = torch.full((E,), C, dtype=torch.long, device=scores_TE.device)
     taken_T = torch.zeros(T, dtype=torch.bool, device=scores_TE.device).index_fill_(0, token_A, True)
-    return Dispatch(token_A, weight_A * route_scale, counts_E, 1 - taken_T.float().mean())
+    return Dispatch(token_A, weight_A * route_scale, counts_E, counts_E, 1 - taken_T.float().mean())
 
 
 
@@ -551,10 +552,7 @@ class MoE(nn.Module):
         cfg = self.cfg
         T, E = routing.logits_TE.shape
         zero = routing.logits_TE.new_zeros(())
-        if cfg.routing == "token_choice":
-            counts_E = torch.bincount(routing.idx_TK.reshape(-1), minlength=E)
-        else:
-            counts_E = plan.counts_E
+        counts_E = plan.routed_E
         n_assign = T * cfg.experts_per_token
         if self.training and cfg.bias_update_rate > 0:
             self.load_E = self.load_E.to(counts_E.device) + counts_E
