@@ -68,7 +68,6 @@ def main() -> None:
     cfg = load_config(LMRunConfig, args.config, [
         f"train.steps={args.steps}", f"train.warmup_steps={min(10, args.steps)}", f"log.log_every={log_every}",
         f"log.eval_every={10 * args.steps}", f"log.ckpt_every={10 * args.steps}", "log.progress=false"])
-    torch.set_num_threads(cfg.train.threads or torch.get_num_threads())
     rows = []
     for r in range(args.repeats):  # interleaved, so drifting machine load hits both alike
         t = trainer_tokens_per_s(cfg)

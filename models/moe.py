@@ -467,9 +467,10 @@ class MoEAux:
                 "device_balance_loss": self.device_balance_loss, "z_loss": self.z_loss}
 
     @property
-    def metrics(self) -> dict[str, float | torch.Tensor]:
-        return {"tokens_per_expert": self.tokens_per_expert, "drop_fraction": self.drop_fraction.item(),
-                "max_vio": self.max_vio.item(), "router_entropy": self.router_entropy.item()}
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """Detached tensors, so reading them every step costs no device sync; float() them to log."""
+        return {"tokens_per_expert": self.tokens_per_expert, "drop_fraction": self.drop_fraction,
+                "max_vio": self.max_vio, "router_entropy": self.router_entropy}
 
 
 class MoE(nn.Module):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -143,7 +144,7 @@ BAD = [
 
 @pytest.mark.parametrize("overrides,message", BAD, ids=[o[0] for o, _ in BAD])
 def test_bad_config_fails_before_writing(tmp_path, capsys, overrides, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("'", "'")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         tiny(tmp_path, *overrides)
     assert main([TINY, f"out_dir={tmp_path}", *overrides]) == 2
     assert message in capsys.readouterr().err

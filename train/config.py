@@ -28,19 +28,26 @@ class ConfigError(ValueError):
     """Bad configuration: the message names the key and what is allowed."""
 
 
-def _read_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[DictConfig]:
-    """The YAML layers of `path`, base first, without their `base:` keys."""
-    path = path.resolve()
+def read_yaml_mapping(path: Path, seen: tuple[Path, ...] = (), kind: str = "config") -> DictConfig:
+    """The YAML mapping in `path` (resolved). ConfigError if `path` is already in `seen` (files that
+    name each other in a cycle), missing, not YAML, or not a mapping; `kind` names the file in messages."""
     if path in seen:
-        raise ConfigError(f"config files include each other in a cycle: {' -> '.join(map(str, seen + (path,)))}")
+        raise ConfigError(f"{kind} files name each other in a cycle: {' -> '.join(map(str, seen + (path,)))}")
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"{kind} file not found: {path}")
     try:
         layer = OmegaConf.load(path)
     except Exception as e:  # yaml errors come in several types
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(layer, DictConfig):
-        raise ConfigError(f"{path}: a config file must be a mapping of keys, got {type(layer).__name__}")
+        raise ConfigError(f"{path}: a {kind} file must be a mapping of keys, got {type(layer).__name__}")
+    return layer
+
+
+def _read_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[DictConfig]:
+    """The YAML layers of `path`, base first, without their `base:` keys."""
+    path = path.resolve()
+    layer = read_yaml_mapping(path, seen)
     base = layer.pop("base", None)
     chain = _read_chain(path.parent / base, seen + (path,)) if base else []
     return chain + [layer]

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from train import plots
 from train.checkpoint import DONE_MARKER, atomic_write_text, latest_checkpoint
-from train.config import ConfigError, load_config
+from train.config import ConfigError, load_config, read_yaml_mapping
 from train.lm import LMRunConfig
 
 SWEEP_KEYS = {
@@ -67,7 +67,7 @@ TAIL = 0.2  # layer metrics are averaged over the logged steps of the last 20% o
 IGNORED_IN_COMPARISON = ("train.threads", "train.stop_at", "log.progress")  # may differ when resuming
 
 
-class SweepError(ValueError):
+class SweepError(ConfigError):
     """Bad sweep file: the message names the problem and what is allowed."""
 
 
@@ -124,16 +124,7 @@ def as_overrides(mapping: dict[str, Any]) -> list[str]:
 def _read(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """The sweep file's keys, merged over the file it inherits from (`set` merged key by key)."""
     path = path.resolve()
-    if path in seen:
-        raise SweepError(f"sweep files inherit from each other in a cycle: {' -> '.join(map(str, seen + (path,)))}")
-    if not path.is_file():
-        raise SweepError(f"sweep file not found: {path}")
-    try:
-        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    except Exception as e:
-        raise SweepError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise SweepError(f"{path}: a sweep file must be a mapping of keys, got {type(raw).__name__}")
+    raw = OmegaConf.to_container(read_yaml_mapping(path, seen, kind="sweep"), resolve=False)
     unknown = sorted(set(raw) - set(SWEEP_KEYS))
     if unknown:
         allowed = "\n".join(f"  {k}: {v}" for k, v in SWEEP_KEYS.items())
@@ -570,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.collect:
             status = execute(sweep, args.jobs or sweep.jobs, args.threads)
         rows = write_results(sweep, args.report)
-    except SweepError as e:
+    except ConfigError as e:  # SweepError included
         print(f"error: {e}", file=sys.stderr)
         return 2
     print((sweep.dir / "results.md").read_text())
