@@ -13,11 +13,11 @@ import torch
 
 from models.lora import factored_lora, load_loras, stack_loras
 from models.translator import ParameterTranslator, TranslatorConfig, embed_documents, load_translator, save_translator
-from train import dyprag
-from train.dyprag_base import load_base
-from train.dyprag_data import load_docs_jsonl, make_knowledge_set
-from train.dyprag_metrics import delta_matrix, exact_match, f1_score, mean_lora, normalize_answer
-from train.dyprag_prag import initial_lora, train_batched, train_peft
+from train.dyprag import pipeline as dyprag
+from train.dyprag.base import load_base
+from train.dyprag.data import load_docs_jsonl, make_knowledge_set
+from train.dyprag.metrics import delta_matrix, exact_match, f1_score, mean_lora, normalize_answer
+from train.dyprag.prag import initial_lora, train_batched, train_peft
 
 SMOKE = "configs/dyprag/smoke.yaml"
 STAGES = ["data", "base", "prag", "translator_shared", "translator_per_module", "eval"]
@@ -236,7 +236,7 @@ def test_existing_run_of_another_config_is_refused(smoke, capsys):
 
 
 def test_prag_augmented_files_become_documents(tmp_path, capsys):
-    from train.dyprag_data import docs_from_prag
+    from train.dyprag.data import docs_from_prag
 
     docs = docs_from_prag("tests/fixtures/prag/data_aug/popqa/tinyllama-test/total.json", None, None)
     d = docs[0]

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from train.prag_format import RAW_FILES, PragFormatError, load_prag
+from train.dyprag.prag_format import RAW_FILES, PragFormatError, load_prag
 
 FIXTURES = Path(__file__).parent / "fixtures" / "prag"
 AUGMENTED = FIXTURES / "data_aug" / "popqa" / "tinyllama-test" / "total.json"

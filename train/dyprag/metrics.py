@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from models.lora import Loras, factored_lora
-from train.dyprag_base import encode_pairs
+from train.dyprag.base import encode_pairs
 
 # -----------------------------------------------------------------------------
 # SQuAD answer normalization and scores

@@ -16,7 +16,7 @@ Three disjoint entity pools come from one seeded generator:
 Documents can also come from a JSONL file (one object per line:
 {"passage": str, "rewrite": str?, "qa": [{"question", "answer", "aliases"?}, ...],
 "eval_qa": [...]?}), checked by `load_docs_jsonl` before any work, or from the
-PRAG / DyPRAG QA files (train.prag_format) via `docs_from_prag`.
+PRAG / DyPRAG QA files (train.dyprag.prag_format) via `docs_from_prag`.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def docs_from_prag(path: str | Path, dataset: str | None, augment_model: str | N
     (the augmentations PRAG trains on), and the dataset question with its aliases
     as the evaluation question. PRAG's augmented files are required: without
     augmentations there is nothing to train a document's LoRA on."""
-    from train.prag_format import load_prag
+    from train.dyprag.prag_format import load_prag
 
     docs = []
     for i, r in enumerate(load_prag(path, dataset, augment_model)):

@@ -25,8 +25,8 @@ from peft import LoraConfig, get_peft_model
 from tqdm import tqdm
 
 from models.lora import Loras, factored_lora, loras_from_peft
-from train.dyprag_base import encode_pairs
-from train.dyprag_data import EOS, Doc, qa_prompt, qa_target
+from train.dyprag.base import encode_pairs
+from train.dyprag.data import EOS, Doc, qa_prompt, qa_target
 
 
 def doc_examples(doc: Doc) -> list[tuple[str, str]]:

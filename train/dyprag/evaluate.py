@@ -25,8 +25,8 @@ import torch
 from models.lora import find_lora_targets, load_loras
 from models.translator import embed_documents, load_translator
 from train.checkpoint import atomic_write_text
-from train.dyprag_base import load_base
-from train.dyprag_metrics import (
+from train.dyprag.base import load_base
+from train.dyprag.metrics import (
     answer,
     delta_matrix,
     exact_match,
@@ -36,7 +36,7 @@ from train.dyprag_metrics import (
     cosine_matrix,
     mean_offdiag_cosine,
 )
-from train.dyprag_data import qa_prompt
+from train.dyprag.data import qa_prompt
 
 
 def _questions(docs):

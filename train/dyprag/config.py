@@ -20,7 +20,7 @@ SOURCES = ("synthetic", "jsonl", "prag")
 class DataConfig:
     # "synthetic": generated fictional people | "jsonl": the two files below in
     # dyprag_data's JSONL format | "prag": the two files below are PRAG's augmented
-    # QA files (train.prag_format; e.g. data_aug/popqa/<model>/total.json)
+    # QA files (train.dyprag.prag_format; e.g. data_aug/popqa/<model>/total.json)
     source: str = "synthetic"
     train_file: str = ""
     test_file: str = ""

@@ -41,11 +41,11 @@ from models.translator import (
 )
 from train.checkpoint import RunDirError, atomic_write, atomic_write_text, prepare_run_dir
 from train.config import ConfigError, load_config, to_yaml
-from train.dyprag_base import build_tiny_llama, encode_pairs, load_base, pretrain, train_tokenizer
-from train.dyprag_config import DyPragConfig
-from train.dyprag_data import docs_from_prag, load_docs_jsonl, make_knowledge_set, qa_prompt, qa_target, tokenizer_corpus, docs_jsonl
-from train.dyprag_prag import train_doc_loras, train_peft
-from train.dyprag_report import write_report
+from train.dyprag.base import build_tiny_llama, encode_pairs, load_base, pretrain, train_tokenizer
+from train.dyprag.config import DyPragConfig
+from train.dyprag.data import docs_from_prag, load_docs_jsonl, make_knowledge_set, qa_prompt, qa_target, tokenizer_corpus, docs_jsonl
+from train.dyprag.prag import train_doc_loras, train_peft
+from train.dyprag.report import write_report
 
 STAGES_DIR = "stages"
 
@@ -148,7 +148,7 @@ def stage_base(run: Run) -> dict:
     c = run.cfg.model
     if c.path:
         return {"base_model": c.path, "pretrained_here": False}
-    from train.dyprag_data import Entity
+    from train.dyprag.data import Entity
 
     known = [Entity(**e) for e in json.loads((run.root / "data" / "known_entities.json").read_text())]
     tokenizer = train_tokenizer(tokenizer_corpus(4000, run.cfg.data.seed, run.docs("train") + run.docs("test")), c.vocab_size)
@@ -240,7 +240,7 @@ def stage_translator(run: Run, design: str) -> dict:
 
 
 def stage_eval(run: Run) -> dict:
-    from train.dyprag_evaluate import evaluate_run
+    from train.dyprag.evaluate import evaluate_run
 
     return evaluate_run(run)
 

@@ -1,0 +1,5 @@
+import sys
+
+from train.dyprag.pipeline import main
+
+sys.exit(main())
