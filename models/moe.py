@@ -251,27 +251,32 @@ class RoutedExperts(nn.Module):
         """x_AD: rows grouped by expert, counts_E[e] rows for expert e, in order; weight_A: combine
         weights. padded: every expert has the same number of rows (padding rows are zero)."""
         E, H, D = self.w_down.shape
+        # x_AD comes in the compute dtype (autocast's, if on) and every operand is cast to it,
+        # so the output dtype does not depend on which ops autocast happens to list
+        w_gate_up, w_down = self.w_gate_up.to(x_AD.dtype), self.w_down.to(x_AD.dtype)
         weight_A1 = weight_A.to(x_AD.dtype).unsqueeze(-1)
         if padded:  # (E*M, D) -> (E, M, D): one batched matmul per projection
-            out_EMD = self.swiglu(x_AD.view(E, -1, D), weight_A1.view(E, -1, 1), torch.bmm)
+            out_EMD = self.swiglu(x_AD.view(E, -1, D), weight_A1.view(E, -1, 1), w_gate_up, w_down, torch.bmm)
             return out_EMD.flatten(0, 1)
         if self.uses_grouped_mm(x_AD):
             offs_E = counts_E.cumsum(0, dtype=torch.int32)  # cumulative ends, as grouped_mm wants
-            return self.swiglu(x_AD, weight_A1, lambda a, w: F.grouped_mm(a, w, offs=offs_E))
+            return self.swiglu(x_AD, weight_A1, w_gate_up, w_down, lambda a, w: F.grouped_mm(a, w, offs=offs_E))
         out_AD, start = [], 0
         for e, n in enumerate(counts_E.tolist()):
-            gate_nH, up_nH = (x_AD[start:start + n] @ self.w_gate_up[e]).chunk(2, dim=-1)
-            out_AD.append((F.silu(gate_nH) * up_nH) @ self.w_down[e])
+            gate_nH, up_nH = (x_AD[start:start + n] @ w_gate_up[e]).chunk(2, dim=-1)
+            out_AD.append((F.silu(gate_nH) * up_nH) @ w_down[e])
             start += n
         return torch.cat(out_AD) * weight_A1
 
-    def swiglu(self, x: torch.Tensor, weight: torch.Tensor, matmul) -> torch.Tensor:
+    @staticmethod
+    def swiglu(x: torch.Tensor, weight: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+               matmul) -> torch.Tensor:
         """Both projections through `matmul`; the combine weight goes on the narrower of H and D."""
-        H, D = self.w_down.shape[1:]
-        h = SwiGLUActivation.apply(matmul(x, self.w_gate_up))
+        H, D = w_down.shape[-2:]
+        h = SwiGLUActivation.apply(matmul(x, w_gate_up))
         if H <= D:
-            return matmul(h * weight, self.w_down)
-        return matmul(h, self.w_down) * weight
+            return matmul(h * weight, w_down)
+        return matmul(h, w_down) * weight
 
 
 # -----------------------------------------------------------------------------
@@ -305,15 +310,28 @@ class Router(nn.Module):
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         dtype = torch.promote_types(x_TD.dtype, torch.float32)  # fp32, or fp64 under gradcheck
-        x_TD = x_TD.to(dtype)
-        if self.training and self.cfg.router_jitter > 0:  # Switch Transformer input jitter
-            eps = self.cfg.router_jitter
-            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - eps, 1 + eps)
-        logits_TE = F.linear(x_TD, self.weight.to(dtype))
-        if self.training and self.noise_weight is not None:
-            noise_std_TE = F.softplus(F.linear(x_TD, self.noise_weight.to(dtype)))
-            logits_TE = logits_TE + torch.randn_like(logits_TE) * noise_std_TE
+        # autocast would run these linears in bf16: a near-tie between two experts then flips
+        # on rounding, and the z-loss squares a bf16 logsumexp
+        with torch.autocast(x_TD.device.type, enabled=False):
+            x_TD = x_TD.to(dtype)
+            if self.training and self.cfg.router_jitter > 0:  # Switch Transformer input jitter
+                eps = self.cfg.router_jitter
+                x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - eps, 1 + eps)
+            logits_TE = F.linear(x_TD, self.weight.to(dtype))
+            if self.training and self.noise_weight is not None:
+                noise_std_TE = F.softplus(F.linear(x_TD, self.noise_weight.to(dtype)))
+                logits_TE = logits_TE + torch.randn_like(logits_TE) * noise_std_TE
         return logits_TE
+
+    def log_scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """log(score) up to a per-token constant: the logits (softmax) or logsigmoid (sigmoid).
+
+        Renormalising any subset of a token's scores, s / sum(s), is then a softmax of these
+        over the subset: the same value, but finite where every score of the subset underflows
+        to 0 (sigmoid of a logit below -88 in fp32), where s / sum(s) is 0/0 and one token's
+        NaN would reach every weight through the balance losses.
+        """
+        return logits if self.cfg.score_func == "softmax" else F.logsigmoid(logits)
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
         cfg = self.cfg
@@ -323,7 +341,7 @@ class Router(nn.Module):
             probs_TE = scores_TE
         else:
             scores_TE = logits_TE.sigmoid()
-            probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+            probs_TE = self.log_scores(logits_TE).softmax(dim=-1)
         if cfg.routing == "expert_choice":
             empty = logits_TE.new_zeros(0, 0)
             return Routing(logits_TE, scores_TE, probs_TE, empty.long(), empty, empty)
@@ -337,7 +355,7 @@ class Router(nn.Module):
         scores_TK = scores_TE.gather(1, idx_TK)
         weights_TK = scores_TK
         if cfg.norm_topk:
-            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+            weights_TK = self.log_scores(logits_TE.gather(1, idx_TK)).softmax(dim=-1)
         return Routing(logits_TE, scores_TE, probs_TE, idx_TK, weights_TK * cfg.route_scale, scores_TK.detach())
 
     def limit_groups(self, choice_TE: torch.Tensor) -> torch.Tensor:
@@ -514,6 +532,10 @@ class MoE(nn.Module):
         n_seq = x.shape[0] if x.dim() == 3 else 1
         x_TD = x.reshape(-1, cfg.d_model)
         T = x_TD.shape[0]
+        # the experts compute in autocast's dtype when it is on (as nn.Linear would), else in x's
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        xe_TD = x_TD.to(dtype)
 
         routing = self.router(x_TD)
         if cfg.routing == "token_choice":
@@ -534,13 +556,13 @@ class MoE(nn.Module):
             n_rows = int(counts_E.sum())
             slots = SlotMap(plan.slot_A, row_A, T, cfg.experts_per_token, n_rows)
             weight_N = plan.weight_A.new_zeros(n_rows).index_copy(0, row_A, plan.weight_A) if padded else plan.weight_A
-            out_ND = self.experts(slots.dispatch(x_TD), counts_E, weight_N, padded)
+            out_ND = self.experts(slots.dispatch(xe_TD), counts_E, weight_N, padded)
             y_TD = slots.combine(out_ND)
         else:
             # expert choice: a token can reach any number of experts
-            out_AD = self.experts(x_TD.index_select(0, plan.token_A), plan.counts_E, plan.weight_A,
+            out_AD = self.experts(xe_TD.index_select(0, plan.token_A), plan.counts_E, plan.weight_A,
                                   padded=self.experts.wants_padding(plan.counts_E))  # groups are equal
-            y_TD = torch.zeros_like(x_TD).index_add_(0, plan.token_A, out_AD)
+            y_TD = torch.zeros_like(xe_TD).index_add_(0, plan.token_A, out_AD)
 
         if self.shared is not None:
             shared_TD = self.shared(x_TD)

@@ -403,6 +403,94 @@ def test_config_errors_name_the_field(kwargs, field):
 
 
 # -----------------------------------------------------------------------------
+# edges: router logits far out, bf16 autocast
+
+DISPATCHES = ["grouped_mm", "padded_bmm", "auto", "loop"]
+
+
+def test_sigmoid_norm_topk_finite_when_every_chosen_score_underflows():
+    """Issue repro: logits of -120 make every sigmoid score 0 in fp32, so s / sum(s) was 0/0."""
+    cfg = MoEConfig(d_model=4, n_routed_experts=2, expert_hidden=4, top_k=1, score_func="sigmoid", norm_topk=True)
+    moe = MoE(cfg).eval()
+    with torch.no_grad():
+        moe.router.weight.fill_(-1.0)
+    x = torch.full((1, 4), 30.0)
+    assert moe.router(x).scores_TE.max() == 0  # the case under test: every score underflowed
+    y, _ = moe(x)
+    # renormalised over one chosen expert its weight is 1 (the limit of s / s), so y is that expert's output
+    torch.testing.assert_close(y[0], ref_expert(moe, 0, x[0]))
+
+
+def extreme_moe(score_func: str, norm_topk: bool, routing: str, dispatch: str) -> MoE:
+    """Router logits of +-1e4; one token's logits are all about -1e4 (every sigmoid score underflows)."""
+    tc = routing == "token_choice"
+    cfg = MoEConfig(d_model=16, n_routed_experts=4, expert_hidden=16, top_k=2, score_func=score_func,
+                    norm_topk=norm_topk, routing=routing, dispatch=dispatch, capacity_factor=1.0,
+                    balance_alpha=0.1 * tc, seq_balance_alpha=0.1 * tc, device_balance_alpha=0.1 * tc,
+                    n_devices=2, z_loss_coef=1e-3, n_shared_experts=1)
+    torch.manual_seed(0)
+    moe = MoE(cfg)
+    with torch.no_grad():
+        u = F.normalize(torch.randn(16), dim=0)
+        w = u + 0.3 * F.normalize(torch.randn(4, 16), dim=-1)  # every expert leans towards u
+        moe.router.weight.copy_(1e4 * w / 16)
+    return moe
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("routing", ["token_choice", "expert_choice"])
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_finite_at_extreme_router_logits(score_func, routing, autocast):
+    for dispatch in DISPATCHES:
+        for norm_topk in (False, True):
+            moe = extreme_moe(score_func, norm_topk, routing, dispatch)
+            x = torch.randn(2, 6, 16) * 4
+            x[0, 0] = -16 * F.normalize(moe.router.weight[0].detach(), dim=0)
+            x.requires_grad_(True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                logits = moe.router(x.detach().view(-1, 16)).logits_TE
+                y, aux = moe(x)
+                obj = y.float().square().mean() + sum(aux.losses.values())
+            assert logits.abs().max() > 5e3 and (logits[0] < -1e3).all()  # the edge under test
+            obj.backward()
+            case = f"{dispatch} norm_topk={norm_topk}"
+            assert torch.isfinite(y).all(), case
+            assert all(torch.isfinite(v) for v in aux.losses.values()), case
+            assert all(torch.isfinite(p.grad).all() for p in [x, *moe.parameters()] if p.grad is not None), case
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_router_is_fp32_under_autocast(score_func):
+    cfg = MoEConfig(d_model=64, n_routed_experts=16, expert_hidden=16, top_k=2, score_func=score_func,
+                    norm_topk=True, z_loss_coef=1.0, init_std=1.0)
+    torch.manual_seed(0)
+    moe = MoE(cfg)
+    x = torch.randn(512, 64)
+    want, (_, want_aux) = moe.router(x), moe(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, (_, aux) = moe.router(x), moe(x)
+    for name in ("logits_TE", "scores_TE", "probs_TE", "weights_TK"):
+        assert getattr(got, name).dtype == torch.float32, name
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), msg=name)
+    assert torch.equal(got.idx_TK, want.idx_TK)  # no choice flips on bf16 rounding
+    assert aux.z_loss.dtype == torch.float32 and aux.z_loss > 10  # large enough that bf16 would round it
+    torch.testing.assert_close(aux.z_loss, want_aux.z_loss)
+
+
+@pytest.mark.parametrize("routing", ["token_choice", "expert_choice"])
+def test_one_output_dtype_under_autocast(routing):
+    for dispatch in DISPATCHES:
+        moe = MoE(MoEConfig(d_model=16, n_routed_experts=4, expert_hidden=16, top_k=2, routing=routing,
+                            dispatch=dispatch, n_shared_experts=1))
+        x = torch.randn(2, 8, 16, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, _ = moe(x)
+        assert y.dtype == torch.bfloat16, dispatch  # as an nn.Linear under autocast
+        y.float().sum().backward()
+        assert moe.experts.w_gate_up.grad.dtype == torch.float32
+
+
+# -----------------------------------------------------------------------------
 # aux-loss-free balancing
 
 
