@@ -33,6 +33,7 @@ from models.validate import check
 SCORE_FUNCS = ("softmax", "sigmoid")
 ROUTINGS = ("token_choice", "expert_choice")
 DISPATCHES = ("grouped_mm", "auto", "padded_bmm", "loop")
+DROP_POLICIES = ("score", "position")
 
 
 @dataclass
@@ -69,6 +70,16 @@ class MoEConfig:
     bias_update_rate: float = 0.0  # aux-loss-free balancing gamma; 0 = off
     # capacity: None = dropless; else each expert keeps ceil(cf * T * K / E) tokens
     capacity_factor: Optional[float] = None
+    # which assignments an over-full expert keeps (token choice). "score": its highest router
+    # scores (Megatron's "probs"); not causal, a later token can evict an earlier one. "position":
+    # earlier positions first (of every sequence in the batch), a token's first choice before its
+    # second (GShard, Switch); causal, a token's output never depends on later positions, which a
+    # language model needs for its training to match its decoding. The default stays "score",
+    # the policy the capacity results (docs/results/capacity.md) were measured with.
+    drop_policy: str = "score"
+    # capacity in eval mode: None = capacity_factor; another factor (Switch's eval capacity),
+    # or .inf for dropless evaluation
+    eval_capacity_factor: Optional[float] = None
     # how the experts run on their tokens: "grouped_mm" (one grouped matmul per
     # projection), "padded_bmm" (every expert's group padded to the largest, one
     # bmm), "auto" (padded_bmm while padding adds <= 25% rows, else grouped_mm),
@@ -120,6 +131,11 @@ class MoEConfig:
             check(v >= 0, f"moe.{name}={v} must be >= 0")
         check(self.capacity_factor is None or self.capacity_factor > 0,
               f"moe.capacity_factor={self.capacity_factor} must be > 0 or None (dropless)")
+        check(self.eval_capacity_factor is None or self.eval_capacity_factor > 0,
+              f"moe.eval_capacity_factor={self.eval_capacity_factor} must be > 0, .inf (dropless) "
+              "or None (capacity_factor)")
+        check(self.drop_policy in DROP_POLICIES,
+              f"moe.drop_policy={self.drop_policy!r} must be one of {DROP_POLICIES}")
         if self.routing == "expert_choice":
             # Every expert takes the same number of tokens, so there is nothing
             # to balance, and groups / per-token top-k do not apply.
@@ -150,10 +166,14 @@ class MoEConfig:
         per = self.shared_expert_hidden or self.hidden_per_expert
         return self.n_shared_experts * per
 
-    def capacity(self, n_tokens: int) -> Optional[int]:
-        if self.capacity_factor is None:
+    def capacity(self, n_tokens: int, training: bool = True) -> Optional[int]:
+        """Token-choice assignments each expert keeps; None = all of them."""
+        factor = self.capacity_factor
+        if not training and self.eval_capacity_factor is not None:
+            factor = self.eval_capacity_factor
+        if factor is None or math.isinf(factor):
             return None
-        return math.ceil(self.capacity_factor * n_tokens * self.experts_per_token / self.n_experts)
+        return math.ceil(factor * n_tokens * self.experts_per_token / self.n_experts)
 
 
 # -----------------------------------------------------------------------------
@@ -428,8 +448,9 @@ class Dispatch:
     slot_A: Optional[torch.Tensor] = None  # token choice: index t*K + k of each kept assignment
 
 
-def token_choice_dispatch(routing: Routing, capacity: Optional[int]) -> Dispatch:
-    """Sort the T*K assignments by expert; with a capacity, drop each expert's lowest scores."""
+def token_choice_dispatch(routing: Routing, capacity: Optional[int], drop_policy: str, n_seq: int) -> Dispatch:
+    """Sort the T*K assignments by expert; with a capacity, each expert keeps its `capacity`
+    first in drop_policy's order (see MoEConfig.drop_policy). The T tokens are n_seq sequences."""
     T, K = routing.idx_TK.shape
     E = routing.logits_TE.shape[-1]
     expert_A = routing.idx_TK.reshape(-1)  # (T*K,), assignment a is token a // K
@@ -438,9 +459,13 @@ def token_choice_dispatch(routing: Routing, capacity: Optional[int]) -> Dispatch
         order_A = expert_A.argsort(stable=True)
         counts_E = routed_E
     else:
-        # order by score (best first), then stably by expert: each expert's tokens best first
-        by_score_A = routing.scores_TK.reshape(-1).argsort(descending=True, stable=True)
-        order_A = by_score_A[expert_A[by_score_A].argsort(stable=True)]
+        # the assignments in priority order, then stably by expert: each expert's first in priority
+        if drop_policy == "score":
+            by_priority_A = routing.scores_TK.reshape(-1).argsort(descending=True, stable=True)
+        else:  # position: slot (b, s, k) ranks by (s, b, k); top-k lists a token's choices best first
+            slot_BSK = torch.arange(T * K, device=expert_A.device).view(n_seq, T // n_seq, K)
+            by_priority_A = slot_BSK.transpose(0, 1).reshape(-1)
+        order_A = by_priority_A[expert_A[by_priority_A].argsort(stable=True)]
         starts_E = routed_E.cumsum(0) - routed_E
         rank_A = torch.arange(T * K, device=expert_A.device) - starts_E[expert_A[order_A]]
         order_A = order_A[rank_A < capacity]
@@ -539,7 +564,7 @@ class MoE(nn.Module):
 
         routing = self.router(x_TD)
         if cfg.routing == "token_choice":
-            plan = token_choice_dispatch(routing, cfg.capacity(T))
+            plan = token_choice_dispatch(routing, cfg.capacity(T, self.training), cfg.drop_policy, n_seq)
         else:
             capacity = math.ceil((cfg.capacity_factor or 1.0) * T * cfg.experts_per_token / cfg.n_experts)
             plan = expert_choice_dispatch(routing, capacity, cfg.route_scale)

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import subprocess
@@ -91,13 +92,15 @@ def reference_moe(moe: MoE, x: torch.Tensor):
     ys = [ref_shared(moe, x_D) for x_D in xs]
 
     if cfg.routing == "token_choice":
-        per_expert = {e: [] for e in range(E)}  # e -> [(score, token, weight)]
+        per_expert = {e: [] for e in range(E)}  # e -> [(score, token, weight, k)]
         for t, (_, scores, _, chosen, weights) in enumerate(routes):
-            for e, w in zip(chosen, weights):
-                per_expert[e].append((float(scores[e]), t, w))
+            for k, (e, w) in enumerate(zip(chosen, weights)):
+                per_expert[e].append((float(scores[e]), t, w, k))
         counts = [len(per_expert[e]) for e in range(E)]
         C = math.ceil(cfg.capacity_factor * T * K / E) if cfg.capacity_factor else T * K
-        kept = {e: sorted(per_expert[e], key=lambda a: -a[0])[:C] for e in range(E)}
+        S = T // n_seq  # position policy: position in the sequence, then sequence, then choice rank
+        priority = (lambda a: -a[0]) if cfg.drop_policy == "score" else (lambda a: (a[1] % S, a[1] // S, a[3]))
+        kept = {e: sorted(per_expert[e], key=priority)[:C] for e in range(E)}
         dropped = sum(counts) - sum(len(v) for v in kept.values())
         drop_fraction = dropped / (T * K)
     else:  # expert choice: expert e takes its C best tokens
@@ -110,7 +113,7 @@ def reference_moe(moe: MoE, x: torch.Tensor):
         counts = [C] * E
         drop_fraction = sum(all(t not in [a[1] for a in kept[e]] for e in range(E)) for t in range(T)) / T
     for e in range(E):
-        for _, t, w in kept[e]:
+        for _, t, w, *_ in kept[e]:
             ys[t] = ys[t] + w * ref_expert(moe, e, xs[t])
     y = torch.stack(ys).view(x.shape)
 
@@ -179,6 +182,7 @@ def moe_cases(draw):
         n_devices=n_devices if tc else 1,
         z_loss_coef=0.01,
         capacity_factor=draw(st.sampled_from([None, 0.5, 1.0, 1.5])),
+        drop_policy=draw(st.sampled_from(["score", "position"])),
         dispatch=draw(st.sampled_from(["grouped_mm", "grouped_mm", "padded_bmm", "auto", "loop"])),
         init_std=0.3,
     )
@@ -276,7 +280,7 @@ def test_assignments_conserved(capacity_factor):
     T = 64
     x = torch.randn(T, 16) + torch.randn(16)  # shared offset: a skewed load that overflows
     routing = moe.router(x)
-    plan = token_choice_dispatch(routing, cfg.capacity(T))
+    plan = token_choice_dispatch(routing, cfg.capacity(T), cfg.drop_policy, 1)
     routed = plan.counts_E.sum().item()
     expected_kept = torch.bincount(routing.idx_TK.flatten(), minlength=8).clamp(max=cfg.capacity(T)).sum().item()
     assert routed == expected_kept
@@ -300,6 +304,54 @@ def test_capacity_drops_lowest_scores():
     assert kept == [1, 6]  # the two highest expert-0 scores
     assert aux.drop_fraction.item() == pytest.approx(6 / 8)
     assert aux.tokens_per_expert.tolist() == [8, 0]
+
+
+def test_position_policy_drops_later_tokens_first():
+    # the setup above, by position: expert 0 keeps the first two tokens (and then the second sequence's)
+    cfg = MoEConfig(d_model=4, n_routed_experts=2, expert_hidden=4, top_k=1, capacity_factor=0.5,
+                    drop_policy="position")
+    moe = MoE(cfg)
+    with torch.no_grad():
+        moe.router.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 0]]))
+    x = torch.zeros(8, 4)
+    x[:, 0] = torch.tensor([0.5, 3.0, 1.0, 2.5, 0.1, 0.2, 4.0, 0.3])
+    kept = lambda y: (y.abs().sum(-1) > 0).nonzero().flatten().tolist()
+    assert kept(moe(x)[0]) == [0, 1]
+    # two sequences of 4: capacity 2 goes to position 0 of both (tokens 0 and 4), not to tokens 0 and 1
+    assert kept(moe(x.view(2, 4, 4))[0].view(8, 4)) == [0, 4]
+
+
+@pytest.mark.parametrize("top_k, n_experts", [(1, 2), (2, 4)])
+def test_position_policy_is_causal(top_k, n_experts):
+    """Changing the last position never changes an earlier position's output (of any sequence)
+    under the position policy; under the score policy it does (the issue's repro)."""
+    moved = {"score": 0.0, "position": 0.0}
+    for seed in range(20):
+        for policy in moved:
+            torch.manual_seed(seed)
+            moe = MoE(MoEConfig(d_model=8, n_routed_experts=n_experts, expert_hidden=8, top_k=top_k,
+                                capacity_factor=1.0, drop_policy=policy, init_std=0.5))
+            x = torch.randn(2, 4, 8)
+            x2 = x.clone()
+            x2[:, -1] = 3 * torch.randn(2, 8)
+            y, aux = moe(x)
+            y2, aux2 = moe(x2)
+            moved[policy] = max(moved[policy], (y[:, :-1] - y2[:, :-1]).abs().max().item())
+    assert moved["position"] < 1e-5  # rounding only: a grouped matmul's sums depend on the group's rows
+    assert moved["score"] > 0.01
+
+
+def test_eval_capacity():
+    cfg = MoEConfig(d_model=16, n_routed_experts=4, expert_hidden=8, top_k=2, capacity_factor=0.5)
+    x = torch.randn(32, 16)
+    for eval_cf, eval_drops in [(None, True), (math.inf, False), (8.0, False), (0.25, True)]:
+        torch.manual_seed(0)
+        moe = MoE(dataclasses.replace(cfg, eval_capacity_factor=eval_cf))
+        assert moe(x)[1].drop_fraction > 0  # training always uses capacity_factor
+        drop = moe.eval()(x)[1].drop_fraction
+        assert (drop > 0) == eval_drops, eval_cf
+        if eval_cf == 0.25:
+            assert drop > moe.train()(x)[1].drop_fraction
 
 
 @pytest.mark.parametrize("dispatch", ["loop", "padded_bmm"])
@@ -396,6 +448,8 @@ def test_active_parameters():
     (dict(shared_gate=True), "moe.shared_gate=True"),
     (dict(routing="expert_choice", balance_alpha=0.01), "moe.balance_alpha=0.01"),
     (dict(dispatch="magic"), "moe.dispatch='magic'"),
+    (dict(drop_policy="random"), "moe.drop_policy='random'"),
+    (dict(eval_capacity_factor=0.0), "moe.eval_capacity_factor=0.0"),
 ])
 def test_config_errors_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match="^" + field.replace("(", r"\(")):
