@@ -57,12 +57,13 @@ def _layer_index(name: str) -> int | None:
     return next((int(part) for part in name.split(".") if part.isdigit()), None)
 
 
-def find_lora_targets(model: nn.Module, target_modules: list[str]) -> list[LoraTarget]:
-    """The Linear layers that peft would adapt for `target_modules`, in model order.
+def find_lora_targets(model: nn.Module, target_modules: list[str], layers: list[int] | None = None) -> list[LoraTarget]:
+    """The Linear layers that peft would adapt for `target_modules` (and `layers_to_transform=layers`,
+    None or [] = every layer), in model order.
 
     Raises ValueError naming the entries that matched nothing (and the Linear
-    leaf names the model does have), a match that is not an nn.Linear, or a
-    match outside the numbered transformer layers.
+    leaf names the model does have), a match that is not an nn.Linear, a
+    match outside the numbered transformer layers, or a layer the model lacks.
     """
     if isinstance(target_modules, str) or not target_modules:
         raise ValueError(f"target_modules must be a non-empty list of module names, got {target_modules!r}")
@@ -84,6 +85,11 @@ def find_lora_targets(model: nn.Module, target_modules: list[str]) -> list[LoraT
         if layer is None:
             raise ValueError(f"target module {name} is not inside a numbered transformer layer (e.g. model.layers.<i>.)")
         targets.append(LoraTarget(name, layer, name.rsplit(".", 1)[-1], module.in_features, module.out_features))
+    if layers:
+        have = sorted({t.layer for t in targets})
+        if absent := sorted(set(layers) - set(have)):
+            raise ValueError(f"LoRA layers {absent} do not exist in {type(model).__name__}: its layers are {have[0]}..{have[-1]}")
+        targets = [t for t in targets if t.layer in layers]
     return targets
 
 
@@ -198,21 +204,24 @@ def load_loras(path: str | Path) -> Loras:
 
 
 def export_peft_adapter(
-    loras: Loras, base_model_dir: str | Path, target_modules: list[str], r: int, alpha: float, out_dir: str | Path
+    loras: Loras, base_model_dir: str | Path, target_modules: list[str], r: int, alpha: float, out_dir: str | Path,
+    layers: list[int] | None = None,
 ) -> None:
     """Write `loras` as a standard peft adapter directory for the model in `base_model_dir`.
 
     The adapter holds exactly one (A, B) per module peft will adapt for
-    `target_modules` (checked against the base model's architecture, built on the
+    `target_modules` and `layers` (checked against the base model's architecture, built on the
     meta device, so no weights are loaded), because peft silently skips keys that
-    do not match. A per-sample set with N == 1 is accepted and squeezed.
+    do not match. A per-sample set with N == 1 is accepted and squeezed. The
+    adapter names its base model by absolute path, so
+    `AutoPeftModelForCausalLM.from_pretrained(out_dir)` works from any directory.
     """
     from peft import LoraConfig
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_model_dir))
-    expected = {t.name: t for t in find_lora_targets(skeleton, target_modules)}
+    expected = {t.name: t for t in find_lora_targets(skeleton, target_modules, layers)}
     if set(loras) != set(expected):
         missing, extra = sorted(set(expected) - set(loras)), sorted(set(loras) - set(expected))
         raise ValueError(f"export_peft_adapter: LoRA modules do not match target_modules {target_modules}: missing {missing}, unexpected {extra}")
@@ -231,7 +240,8 @@ def export_peft_adapter(
     out_dir.mkdir(parents=True, exist_ok=True)
     config = LoraConfig(
         r=r, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=0.0, bias="none",
-        task_type="CAUSAL_LM", base_model_name_or_path=str(base_model_dir),
+        task_type="CAUSAL_LM", base_model_name_or_path=str(Path(base_model_dir).resolve()),
+        layers_to_transform=list(layers) if layers else None,
     )
     config.save_pretrained(str(out_dir))
     save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})

@@ -12,15 +12,19 @@ import pytest
 import torch
 
 from models.lora import factored_lora, load_loras, stack_loras
-from models.translator import ParameterTranslator, TranslatorConfig, embed_documents, load_translator, save_translator
+from models.translator import TranslatorConfig, build_translator, document_states, load_translator, save_translator
 from train.dyprag import pipeline as dyprag
 from train.dyprag.base import load_base
+from train.dyprag.config import LoraShape
 from train.dyprag.data import load_docs_jsonl, make_knowledge_set
+from train.dyprag.evaluate import derangement
 from train.dyprag.metrics import delta_matrix, exact_match, f1_score, mean_lora, normalize_answer
 from train.dyprag.prag import initial_lora, train_batched, train_peft
 
 SMOKE = "configs/dyprag/smoke.yaml"
-STAGES = ["data", "base", "prag", "translator_shared", "translator_per_module", "eval"]
+DESIGNS = ["cross_attention", "pooled_shared", "pooled_per_module"]
+STAGES = ["data", "base", "prag"] + [f"translator_{d}" for d in DESIGNS] + ["eval"]
+SEEDS = [0, 1]
 
 
 class Interrupted(Exception):
@@ -41,11 +45,12 @@ def smoke(tmp_path_factory):
     with pytest.raises(Interrupted):
         dyprag.main(args)
     mp.undo()
-    run = runs / "dyprag_smoke"
+    root = runs / "dyprag_smoke"
+    run = root / "seed_0"  # the first seed was interrupted; the second never started
     before = {s: (run / "stages" / f"{s}.json").stat().st_mtime_ns for s in STAGES[:-1]}
-    assert not (run / "stages" / "eval.json").exists()
+    assert not (run / "stages" / "eval.json").exists() and not (root / "seed_1").exists()
     assert dyprag.main(args) == 0
-    return {"runs": runs, "run": run, "args": args, "before": before}
+    return {"runs": runs, "root": root, "run": run, "args": args, "before": before}
 
 
 def _err(capsys, argv) -> str:
@@ -62,38 +67,52 @@ def test_resume_skips_finished_stages(smoke, capsys):
     after = {s: (run / "stages" / f"{s}.json").stat().st_mtime_ns for s in STAGES[:-1]}
     assert after == smoke["before"], "stages finished before the interruption were redone"
     assert (run / "stages" / "eval.json").is_file()
+    assert (smoke["root"] / "seed_1" / "stages" / "eval.json").is_file()
     # a third run has nothing left to do but still prints the tables
     eval_mtime = (run / "stages" / "eval.json").stat().st_mtime_ns
     assert dyprag.main(smoke["args"]) == 0
     out = capsys.readouterr().out
-    assert all(f"stage {s}: already done, skipped" in out for s in STAGES)
+    assert all(f"[dyprag seed {k}] every stage already done, skipped" in out for k in SEEDS)
     assert "| Standard RAG |" in out
     assert (run / "stages" / "eval.json").stat().st_mtime_ns == eval_mtime
 
 
 def test_tables_have_all_rows(smoke):
-    text = (smoke["run"] / "results.md").read_text()
-    for design in ("shared", "per_module"):
-        section = text.split(f"translator design `{design}`")[1].split("##")[0]
-        for row in ["Vanilla", "Standard RAG", "PRAG", "PRAG-Combine", "DyPRAG", "DyPRAG-Combine",
-                    "Shuffled doc (control)", "Mean LoRA (control)", "DyPRAG, training docs (seen)"]:
-            assert f"| {row} |" in section, (design, row)
-    for row in ["PRAG target LoRAs", "DyPRAG shared", "DyPRAG per_module", "PRAG fine-tune, batched (s/doc)",
-                "ratio batched PRAG / DyPRAG shared", "translator parameters (per_module)",
-                "LoRA bytes stored per doc, PRAG (fp32)", "prompt tokens per question, Standard RAG"]:
+    text = (smoke["root"] / "results.md").read_text()
+    for split in ("test", "ood"):
+        for design in DESIGNS:
+            section = text.split(f"## Quality on {split} documents, translator `{design}`")[1].split("## ")[0]
+            rows = ["Vanilla", "Standard RAG", "PRAG", "PRAG-Combine", "DyPRAG", "DyPRAG-Combine", "Shuffled doc (control)", "Mean LoRA (control)"]
+            rows += ["DyPRAG, training docs (seen)", "PRAG, training docs (seen)"] if split == "test" else []
+            for row in rows:
+                assert f"| {row} |" in section, (split, design, row)
+            assert "| method (EM) | city | year | occupation | employer | pet |" in section
+    assert "Seeds: 2 (seed_0, seed_1)" in text
+    for row in ["PRAG LoRAs", "DyPRAG `cross_attention`", "PRAG fine-tune, batched (s/doc)", "PRAG (batched) / DyPRAG `pooled_shared`",
+                "translator parameters `pooled_per_module`", "LoRA bytes stored per doc, PRAG (fp32)", "prompt tokens per question, Standard RAG",
+                "| DyPRAG EM >= Standard RAG |", "| Shuffled doc (control) within 2 s.e. of Vanilla |"]:
         assert row in text, row
-    for png in ["em.png", "translator_loss_shared.png", "cosine_generated_per_module.png", "cosine_target.png"]:
-        assert (smoke["run"] / png).stat().st_size > 1000, png
+    for png in ["em_test.png", "em_ood.png", "translator_loss.png"]:
+        assert (smoke["root"] / png).stat().st_size > 1000, png
     res = json.loads((smoke["run"] / "eval" / "results.json").read_text())
     # 4 test docs x 5 facts; RAG prompts carry the passage, DyPRAG prompts do not
-    assert res["rows"]["Vanilla"]["n"] == 20
+    assert res["splits"]["test"]["rows"]["Vanilla"]["n"] == 20 and res["splits"]["ood"]["rows"]["Vanilla"]["n"] == 15
     assert res["prompt_tokens"]["rag"] > res["prompt_tokens"]["dyprag"] + 20
+
+
+def test_seeds_differ_and_the_tokenizer_never_saw_held_out_text(smoke):
+    docs = [load_docs_jsonl(smoke["root"] / f"seed_{k}" / "data" / "test.jsonl") for k in SEEDS]
+    assert docs[0][0].passage != docs[1][0].passage
+    vocab = json.loads((smoke["run"] / "base_model" / "tokenizer.json").read_text())["model"]["vocab"]
+    # a fitted tokenizer merges frequent words whole; the held-out entities' invented names are never frequent in what it saw
+    ood = load_docs_jsonl(smoke["run"] / "data" / "ood.jsonl")
+    assert all("Ġ" + d.qa[0].answer not in vocab for d in ood)
 
 
 def test_report_subcommand_writes_the_same_page(smoke, tmp_path, capsys):
     out = tmp_path / "page.md"
-    assert dyprag.main(["report", str(smoke["run"]), "--out", str(out)]) == 0
-    assert out.read_text() == (smoke["run"] / "results.md").read_text()
+    assert dyprag.main(["report", str(smoke["root"]), "--out", str(out)]) == 0
+    assert out.read_text() == (smoke["root"] / "results.md").read_text()
 
 
 def test_stored_loras_and_base_model_reload(smoke):
@@ -107,28 +126,28 @@ def test_stored_loras_and_base_model_reload(smoke):
     assert len(test) == 2 * 3  # 2 layers x gate/up/down
 
 
-def test_generate_writes_a_peft_adapter_equal_to_the_pipeline_forward(smoke, tmp_path):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+@pytest.mark.parametrize("design", DESIGNS)
+def test_generate_writes_a_peft_adapter_equal_to_the_pipeline_forward(smoke, tmp_path, design, monkeypatch):
+    from peft import AutoPeftModelForCausalLM
 
     run = smoke["run"]
     doc = load_docs_jsonl(run / "data" / "test.jsonl")[0].passage
     (tmp_path / "doc.txt").write_text(doc)
     out = tmp_path / "adapter"
-    assert dyprag.main(["generate", str(run), "--doc", str(tmp_path / "doc.txt"), "--out", str(out), "--design", "per_module"]) == 0
+    assert dyprag.main(["generate", str(smoke["root"]), "--doc", str(tmp_path / "doc.txt"), "--out", str(out), "--design", design]) == 0
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
 
     model, tok = load_base(run / "base_model")
     targets = dyprag.find_lora_targets(model, ["gate_proj", "up_proj", "down_proj"])
-    translator = load_translator(run / "translator" / "per_module.safetensors", targets, model.config.hidden_size)
+    translator = load_translator(run / "translator" / f"{design}.safetensors", targets, 3 * model.config.hidden_size)
     ids = tok(["Question: Where was " + doc[:20]], return_tensors="pt")["input_ids"]
+    monkeypatch.chdir(tmp_path)  # the adapter loads from anywhere: its base model path is absolute
     with torch.no_grad():
-        loras = translator(embed_documents(model, tok, [doc], pooling="last"))
+        loras = translator(*document_states(model, tok, [doc], [0, 1, 2]))
         with factored_lora(model, loras, 32 / 2):
             ours = model(input_ids=ids).logits
         plain = model(input_ids=ids).logits
-        peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run / "base_model", dtype=torch.float32), out)
-        theirs = peft_model(input_ids=ids).logits
+        theirs = AutoPeftModelForCausalLM.from_pretrained(out, dtype=torch.float32)(input_ids=ids).logits
     assert not torch.allclose(ours, plain, atol=1e-6), "the generated LoRA changes nothing"
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
 
@@ -139,12 +158,13 @@ def test_generate_writes_a_peft_adapter_equal_to_the_pipeline_forward(smoke, tmp
 
 def test_batched_prag_follows_the_same_path_as_peft(smoke):
     model, tok = load_base(smoke["run"] / "base_model")
-    docs = make_knowledge_set(2, 2, 1, seed=3).train
+    docs = make_knowledge_set(2, 0, 1, seed=3).test
     kw = dict(lr=1e-2, epochs=2, max_len=192)
-    init = initial_lora(model, ["gate_proj", "up_proj", "down_proj"], 2, 32.0, seed=0)
-    batched = train_batched(model, tok, docs, init, scaling=16.0, **kw)
+    shape = LoraShape()
+    init = initial_lora(model, shape, seed=0)
+    batched = train_batched(model, tok, docs, init, scaling=shape.scaling, **kw)
     for doc, got in zip(docs, batched):
-        ref = train_peft(model, tok, doc, target_modules=["gate_proj", "up_proj", "down_proj"], rank=2, alpha=32.0, seed=0, **kw)
+        ref = train_peft(model, tok, doc, shape, seed=0, **kw)
         for name in ref:
             torch.testing.assert_close(got[name][0], ref[name][0], atol=2e-4, rtol=1e-3)
             torch.testing.assert_close(got[name][1], ref[name][1], atol=2e-4, rtol=1e-3)
@@ -169,16 +189,41 @@ def test_squad_normalization_and_scores():
 
 
 def test_synthetic_splits_have_disjoint_fictional_entities():
-    ks = make_knowledge_set(30, 10, 20, seed=0)
+    from itertools import islice
+
+    from train.dyprag.data import FACT_KINDS, IN_DISTRIBUTION, OOD
+
+    ks = make_knowledge_set(10, 10, 20, seed=0)
     name = lambda d: d.qa[0].question.removeprefix("Where was ").removesuffix(" born?")  # noqa: E731
-    train, test = {name(d) for d in ks.train}, {name(d) for d in ks.test}
-    assert len(train) == 30 and len(test) == 10 and not train & test
-    assert not {e.name for e in ks.known} & (train | test)
+    train = list(islice(ks.training_docs(), 300))
+    train_names, test_names = {name(d) for d in train}, {name(d) for d in ks.test}
+    assert len(train_names) == 300 and len(test_names) == 10 and not train_names & test_names
+    assert not ks.names & train_names and {e.name for e in ks.known} <= ks.names
+    assert [d.passage for d in islice(ks.training_docs(), 5)] == [d.passage for d in train[:5]]  # seeded
     for d in ks.test:
-        assert len(d.qa) >= 3 and d.rewrite and d.rewrite != d.passage
+        assert len(d.qa) == 5 and d.rewrite and d.rewrite != d.passage
+        assert [q.kind for q in d.eval_qa] == list(FACT_KINDS)
         assert {q.answer for q in d.qa} == {q.answer for q in d.eval_qa}
         assert not {q.question for q in d.qa} & {q.question for q in d.eval_qa}  # other wordings
         assert all(q.answer in d.passage and q.answer in d.rewrite for q in d.qa)
+    # out of distribution: no sentence, question wording or occupation/employer kind/year of training
+    train_sentences = {s for d in train for s in (d.passage + " " + d.rewrite).replace(name(d), "N").split(". ")}
+    train_questions = {q.question.replace(name(d), "N") for d in train for q in d.qa + d.eval_qa}
+    for d in ks.ood:
+        n = next(x for x in ks.names if x in d.passage)
+        occ = next(q.answer for q in d.eval_qa if q.kind == "occupation")
+        year = int(next(q.answer for q in d.eval_qa if q.kind == "year"))
+        assert occ in OOD.occupations and occ not in IN_DISTRIBUTION.occupations
+        assert OOD.years[0] <= year <= OOD.years[1] < IN_DISTRIBUTION.years[0]
+        assert not {q.question.replace(n, "N") for q in d.eval_qa} & train_questions
+        assert not {s for s in d.passage.replace(n, "N").split(". ")} & train_sentences
+
+
+def test_shuffled_control_always_uses_another_document():
+    for n in (2, 3, 40):
+        for seed in range(5):
+            perm = derangement(n, seed)
+            assert sorted(perm) == list(range(n)) and all(p != i for i, p in enumerate(perm))
 
 
 # -----------------------------------------------------------------------------
@@ -209,10 +254,18 @@ def test_bad_base_model_dir_and_target_modules(tmp_path, capsys):
     assert "does not load" in err and "broken_model" in err
     err = _err(capsys, [SMOKE, f"runs_dir={runs}", f"model.path={tmp_path}/absent"])
     assert "directory not found" in err
-    err = _err(capsys, [SMOKE, f"runs_dir={runs}", "prag.target_modules=[ffn_in]"])
+    err = _err(capsys, [SMOKE, f"runs_dir={runs}", "lora.target_modules=[ffn_in]"])
     assert "ffn_in" in err and "match no module" in err and "gate_proj" in err
-    err = _err(capsys, [SMOKE, f"runs_dir={runs}", "translator.designs=[shared,huge]"])
-    assert "huge" in err and "per_module" in err
+    err = _err(capsys, [SMOKE, f"runs_dir={runs}", "compare_designs=[pooled_shared,huge]"])
+    assert "huge" in err and "pooled_per_module" in err
+    err = _err(capsys, [SMOKE, f"runs_dir={runs}", "lora.layers=[7]"])
+    assert "LoRA layers [7] do not exist" in err
+    err = _err(capsys, [SMOKE, f"runs_dir={runs}", "translator.read_layers=[9]"])
+    assert "read_layers: 9 is out of range" in err
+    err = _err(capsys, [SMOKE, f"runs_dir={runs}", "train.lambda_mse=100"])
+    assert "data.n_train_docs > 0" in err
+    err = _err(capsys, [SMOKE, f"runs_dir={runs}", "run_name=.."])
+    assert "plain name" in err
     assert not runs.exists()
 
 
@@ -220,19 +273,47 @@ def test_translator_checkpoint_that_does_not_fit(smoke, tmp_path, capsys):
     run = smoke["run"]
     model, _ = load_base(run / "base_model")
     targets = dyprag.find_lora_targets(model, ["up_proj"])  # a translator for other modules
-    save_translator(tmp_path / "t.safetensors", ParameterTranslator(TranslatorConfig(hidden=8), model.config.hidden_size, targets))
+    save_translator(tmp_path / "t.safetensors", build_translator(TranslatorConfig(hidden=8), 3 * model.config.hidden_size, targets, 2))
     (tmp_path / "doc.txt").write_text("Some document.")
-    err = _err(capsys, ["generate", str(run), "--doc", str(tmp_path / "doc.txt"), "--out", str(tmp_path / "a"), "--translator", str(tmp_path / "t.safetensors")])
+    root = str(smoke["root"])
+    err = _err(capsys, ["generate", root, "--doc", str(tmp_path / "doc.txt"), "--out", str(tmp_path / "a"), "--translator", str(tmp_path / "t.safetensors")])
     assert "does not fit the base model" in err and "gate_proj" in err
-    err = _err(capsys, ["generate", str(run), "--doc", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "a")])
+    err = _err(capsys, ["generate", root, "--doc", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "a")])
     assert "document file not found" in err
+    err = _err(capsys, ["generate", root, "--doc", str(tmp_path / "doc.txt"), "--out", str(tmp_path / "a"), "--seed", "7"])
+    assert "--seed 7: this run has seeds [0, 1]" in err
     assert not (tmp_path / "a").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    err = _err(capsys, ["generate", root, "--doc", str(tmp_path / "doc.txt"), "--out", str(tmp_path / "mine")])
+    assert "not empty" in err and (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    with pytest.raises(SystemExit) as e:  # no abbreviations: --o is not --out
+        dyprag.main(["generate", root, "--doc", str(tmp_path / "doc.txt"), "--o", str(tmp_path / "b")])
+    assert e.value.code == 2 and "required: --out" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
 
 
 def test_existing_run_of_another_config_is_refused(smoke, capsys):
     err = _err(capsys, smoke["args"] + ["translator.hidden=8"])
     assert "different config" in err and "overwrite=true" in err
-    assert (smoke["run"] / "results.md").is_file()
+    assert (smoke["root"] / "results.md").is_file()
+
+
+def test_a_run_in_use_is_refused_and_a_foreign_folder_never_deleted(smoke, tmp_path, capsys):
+    from train.checkpoint import run_dir_lock
+
+    # another process holds the run: a child process tries it
+    import subprocess
+    import sys
+
+    with run_dir_lock(smoke["root"]):
+        proc = subprocess.run([sys.executable, "-m", "train.dyprag", *smoke["args"]], capture_output=True, text=True)
+    assert proc.returncode == 2 and "in use by another process" in proc.stderr
+    mine = tmp_path / "runs" / "mine"
+    mine.mkdir(parents=True)
+    (mine / "thesis.tex").write_text("precious")
+    err = _err(capsys, [SMOKE, f"runs_dir={tmp_path / 'runs'}", "run_name=mine", "overwrite=true"])
+    assert "will not delete" in err and (mine / "thesis.tex").read_text() == "precious"
 
 
 def test_prag_augmented_files_become_documents(tmp_path, capsys):

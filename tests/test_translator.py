@@ -20,12 +20,13 @@ from models.lora import (
 )
 from models.translator import (
     DESIGNS,
-    ParameterTranslator,
     TranslatorConfig,
     TranslatorMismatchError,
+    build_translator,
     check_translator_fits,
-    embed_documents,
+    document_states,
     load_translator,
+    pool,
     save_translator,
     translator_loss,
 )
@@ -190,13 +191,26 @@ def test_save_load_loras_roundtrip_and_malformed(tmp_path, targets):
         load_loras(tmp_path / "missing.safetensors")
 
 
-def test_export_peft_adapter_loads_with_peft(tmp_path, base, targets):
+def states(n=2, s=5, c=64, seed=0):
+    """Random token states [n, s, c] and a mask whose rows have different lengths."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(n, s, dtype=torch.bool)
+    mask[1:, s - 2 :] = False
+    return torch.randn(n, s, c, generator=g), mask
+
+
+def test_export_peft_adapter_loads_with_peft(tmp_path, base, targets, monkeypatch):
     base.save_pretrained(tmp_path / "base")
-    translator = ParameterTranslator(TranslatorConfig(init_std_b=0.05), 64, targets)
+    translator = build_translator(TranslatorConfig(init_std_b=0.05), 64, targets, R)
     with torch.no_grad():
-        loras = translator(torch.randn(1, 64))  # per-sample set with N = 1
+        loras = translator(*states(1))  # per-sample set with N = 1
     export_peft_adapter(loras, tmp_path / "base", FFN, R, ALPHA, tmp_path / "adapter")
     assert {p.name for p in (tmp_path / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+    # the adapter names its base by absolute path: it loads from any working directory
+    from peft import AutoPeftModelForCausalLM
+
+    monkeypatch.chdir(tmp_path / "adapter")
+    auto = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter", dtype=torch.float32).eval()
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
     pm = PeftModel.from_pretrained(reloaded, tmp_path / "adapter").eval()
     x = ids()
@@ -205,6 +219,7 @@ def test_export_peft_adapter_loads_with_peft(tmp_path, base, targets):
         with factored_lora(base, {n: (A[0], B[0]) for n, (A, B) in loras.items()}, SCALING):
             ours = base(x).logits
         plain = base(x).logits
+        torch.testing.assert_close(auto(x).logits, ours, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
     assert (ours - plain).abs().max() > 1e-3
     # an incomplete set is refused rather than silently half-loaded
@@ -219,9 +234,9 @@ def test_export_peft_adapter_loads_with_peft(tmp_path, base, targets):
 @pytest.mark.parametrize("design", DESIGNS)
 def test_translator_shapes_and_document_dependence(design, targets):
     torch.manual_seed(0)
-    translator = ParameterTranslator(TranslatorConfig(design=design, rank=R), 64, targets)
-    docs_ND = torch.randn(3, 64)
-    loras = translator(docs_ND)
+    translator = build_translator(TranslatorConfig(design=design), 64, targets, R)
+    h, mask = states(3)
+    loras = translator(h, mask)
     assert loras.keys() == {t.name for t in targets}
     for t in targets:
         A, B = loras[t.name]
@@ -233,9 +248,25 @@ def test_translator_shapes_and_document_dependence(design, targets):
         assert (B[0] - B[1]).abs().max() > 1e-2 * B.abs().max()
     cos = torch.nn.functional.cosine_similarity(*flatten_loras(loras)[:2], dim=0)
     assert cos < 0.99
-    # same document -> same LoRA, whatever else is in the batch
-    again = translator(docs_ND[[0, 2]])
-    torch.testing.assert_close(flatten_loras(again)[0], flatten_loras(loras)[0])
+    # same document -> same LoRA, whatever else is in the batch, and padding tokens are ignored
+    again = translator(h[[1, 2]], mask[[1, 2]])
+    torch.testing.assert_close(flatten_loras(again)[0], flatten_loras(loras)[1])
+    noisy = h.clone()
+    noisy[~mask] = 1e3
+    torch.testing.assert_close(flatten_loras(translator(noisy, mask)), flatten_loras(loras))
+
+
+def test_cross_attention_reads_tokens_the_pooled_designs_drop(targets):
+    """A change to one middle token moves the cross-attention LoRA; a last-token pooled design cannot see it."""
+    h, mask = states(1, s=6)
+    h2 = h.clone()
+    h2[0, 2] = torch.randn(64, generator=torch.Generator().manual_seed(9))
+    for design, moves in (("cross_attention", True), ("pooled_shared", False), ("pooled_per_module", False)):
+        torch.manual_seed(0)
+        tr = build_translator(TranslatorConfig(design=design, pooling="last"), 64, targets, R)
+        with torch.no_grad():
+            diff = (flatten_loras(tr(h, mask)) - flatten_loras(tr(h2, mask))).abs().max()
+        assert (diff > 1e-6) == moves, design
 
 
 def qa_batch(n=2):
@@ -250,9 +281,9 @@ def qa_batch(n=2):
 
 @pytest.mark.parametrize("design", DESIGNS)
 def test_gradients_reach_every_translator_parameter(design, base, targets):
-    translator = ParameterTranslator(TranslatorConfig(design=design), 64, targets)
+    translator = build_translator(TranslatorConfig(design=design), 64, targets, R)
     target_loras = random_loras(targets, seed=8, n=2, scale=0.05)
-    loss, _ = translator_loss(base, translator(torch.randn(2, 64)), target_loras, qa_batch(), SCALING, 0.01, 100.0)
+    loss, _ = translator_loss(base, translator(*states(2)), qa_batch(), SCALING, target_loras, 0.01, 100.0)
     loss.backward()
     for name, p in translator.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -260,30 +291,35 @@ def test_gradients_reach_every_translator_parameter(design, base, targets):
 
 
 def test_translator_loss_parts(base, targets):
-    translator = ParameterTranslator(TranslatorConfig(init_std_b=0.05), 64, targets)
-    generated = translator(torch.randn(2, 64))
-    loss, parts = translator_loss(base, generated, random_loras(targets, seed=9, n=2), qa_batch(), SCALING, 0.01, 100.0)
+    translator = build_translator(TranslatorConfig(init_std_b=0.05), 64, targets, R)
+    generated = translator(*states(2))
+    loss, parts = translator_loss(base, generated, qa_batch(), SCALING, random_loras(targets, seed=9, n=2), 0.01, 100.0)
     assert all(torch.isfinite(torch.tensor(v)) for v in parts.values())
     assert parts["kl"] > 1e-4 and parts["mse"] > 1e-4 and parts["lm"] > 0
     assert parts["loss"] == pytest.approx(parts["lm"] + 0.01 * parts["kl"] + 100 * parts["mse"], rel=1e-5)
     # generated == target: KL and MSE vanish, the LM loss is what the model with that LoRA gets
     same = {n: (A.detach().clone(), B.detach().clone()) for n, (A, B) in generated.items()}
-    loss, parts = translator_loss(base, generated, same, qa_batch(), SCALING, 0.01, 100.0)
+    loss, parts = translator_loss(base, generated, qa_batch(), SCALING, same, 0.01, 100.0)
     assert abs(parts["kl"]) < 1e-6 and parts["mse"] == 0.0
     assert parts["loss"] == pytest.approx(parts["lm"], rel=1e-6)
+    # the end-to-end loss alone needs no PRAG targets
+    loss, parts = translator_loss(base, generated, qa_batch(), SCALING)
+    assert parts.keys() == {"loss", "lm"} and parts["loss"] == parts["lm"]
+    with pytest.raises(ValueError, match="need target_loras"):
+        translator_loss(base, generated, qa_batch(), SCALING, None, 0.01, 0.0)
     with pytest.raises(ValueError, match="no answer tokens"):
-        translator_loss(base, generated, same, {**qa_batch(), "labels": torch.full((2, 10), -100)}, SCALING, 0.01, 100.0)
+        translator_loss(base, generated, {**qa_batch(), "labels": torch.full((2, 10), -100)}, SCALING)
 
 
 def test_translator_checkpoint_roundtrip_and_mismatch(tmp_path, base, targets):
-    translator = ParameterTranslator(TranslatorConfig(design="per_module"), 64, targets)
-    translator.set_input_stats(torch.randn(5, 64) + 3)
+    translator = build_translator(TranslatorConfig(design="cross_attention", blocks=1), 64, targets, R)
+    translator.set_input_stats(*states(5, seed=3))
     save_translator(tmp_path / "translator.safetensors", translator)
     back = load_translator(tmp_path / "translator.safetensors", targets, 64)
-    assert back.cfg == translator.cfg
-    docs = torch.randn(2, 64)
+    assert back.cfg == translator.cfg and back.rank == R and isinstance(back, type(translator))
+    h, mask = states(2, seed=4)
     with torch.no_grad():
-        torch.testing.assert_close(flatten_loras(back(docs)), flatten_loras(translator(docs)))
+        torch.testing.assert_close(flatten_loras(back(h, mask)), flatten_loras(translator(h, mask)))
     # a deeper base model: modules the checkpoint has no LoRA for
     deeper = find_lora_targets(tiny_llama(layers=3), FFN)
     with pytest.raises(TranslatorMismatchError, match=r"no LoRA for: \['model.layers.2.mlp"):
@@ -292,22 +328,35 @@ def test_translator_checkpoint_roundtrip_and_mismatch(tmp_path, base, targets):
     with pytest.raises(TranslatorMismatchError, match="absent from this base model"):
         load_translator(tmp_path / "translator.safetensors", find_lora_targets(base, ["down_proj"]), 64)
     # other widths
-    with pytest.raises(TranslatorMismatchError, match="document embedding width 64 in the checkpoint, 32"):
+    with pytest.raises(TranslatorMismatchError, match="token-state width 64 in the checkpoint, 32"):
         load_translator(tmp_path / "translator.safetensors", targets, 32)
     (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(TranslatorMismatchError, match="not a safetensors file"):
         load_translator(tmp_path / "junk.safetensors", targets, 64)
 
 
-def test_translator_config_rejects_bad_values():
+def test_translator_config_and_inputs_rejected_with_a_reason(targets):
     with pytest.raises(ValueError, match="design='dense' must be one of"):
         TranslatorConfig(design="dense")
     with pytest.raises(ValueError, match="pooling"):
         TranslatorConfig(pooling="max")
+    with pytest.raises(ValueError, match="divisible by heads"):
+        TranslatorConfig(hidden=10, heads=4)
+    tr = build_translator(TranslatorConfig(), 64, targets, R)
+    with pytest.raises(ValueError, match=r"token states \[N, S, 64\]"):
+        tr(torch.zeros(2, 5, 32), torch.ones(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="at least one token"):
+        tr(torch.zeros(2, 5, 64), torch.tensor([[True] * 5, [False] * 5]))
+
+
+def test_find_lora_targets_on_chosen_layers(base):
+    assert [t.layer for t in find_lora_targets(base, FFN, [1])] == [1, 1, 1]
+    with pytest.raises(ValueError, match=r"LoRA layers \[5\] do not exist"):
+        find_lora_targets(base, FFN, [1, 5])
 
 
 # -----------------------------------------------------------------------------
-# document embedding
+# what the translator reads
 
 
 @pytest.fixture(scope="module")
@@ -316,20 +365,26 @@ def tokenizer():
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.train_from_iterator([" ".join(words)], trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]"]))
-    return PreTrainedTokenizerFast(tokenizer_object=tok)  # no pad token set: embed_documents pads itself
+    return PreTrainedTokenizerFast(tokenizer_object=tok)  # no pad token set: document_states pads itself
 
 
-@pytest.mark.parametrize("pooling", ["last", "mean"])
-def test_embed_documents_pools_each_document_as_if_alone(pooling, base, tokenizer):
+def test_document_states_are_each_document_as_if_alone(base, tokenizer):
     docs = ["the ship named Orvala sails from Tarsk", "copper", "salt and copper every spring"]
-    emb_ND = embed_documents(base, tokenizer, docs, pooling=pooling, batch_size=3)
-    assert emb_ND.shape == (3, 64)
+    h, mask = document_states(base, tokenizer, docs, [0, -1], batch_size=2)
+    assert h.shape == (3, 7, 2 * 64) and mask.sum(1).tolist() == [7, 1, 5]
     with torch.no_grad():
         for i, doc in enumerate(docs):
             x = torch.tensor([tokenizer(doc)["input_ids"]])
-            h = base(x, output_hidden_states=True).hidden_states[-1][0]
-            alone = h[-1] if pooling == "last" else h.mean(0)
-            torch.testing.assert_close(emb_ND[i], alone, rtol=1e-4, atol=1e-5)
-    assert (emb_ND[0] - emb_ND[2]).abs().max() > 1e-3
+            hs = base(x, output_hidden_states=True).hidden_states
+            n = mask[i].sum()
+            torch.testing.assert_close(h[i, :n, :64], hs[0][0], rtol=1e-4, atol=1e-5)
+            # the last decoder layer's own output (hidden_states[-1] has the final norm on top)
+            last = base.model.norm(h[i, :n, 64:])
+            torch.testing.assert_close(last, hs[-1][0], rtol=1e-4, atol=1e-5)
+    for pooling in ("last", "mean"):
+        assert (pool(h, mask, pooling)[0] - pool(h, mask, pooling)[2]).abs().max() > 1e-3
+    torch.testing.assert_close(pool(h, mask, "last")[1], h[1, 0])
     with pytest.raises(ValueError, match="non-empty"):
-        embed_documents(base, tokenizer, ["fine", "  "])
+        document_states(base, tokenizer, ["fine", "  "], [-1])
+    with pytest.raises(ValueError, match="out of range"):
+        document_states(base, tokenizer, ["fine"], [3])

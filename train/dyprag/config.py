@@ -1,7 +1,7 @@
 """Typed config of the DyPRAG pipeline (loaded with train.config.load_config).
 
-configs/dyprag/base.yaml holds the paper's values; default.yaml and smoke.yaml
-are small deltas on it. Every section validates itself, so a bad value is a
+configs/dyprag/base.yaml holds the shared values; the other files there are
+small deltas on it. Every section validates itself, so a bad value is a
 ConfigError naming the key before any work starts.
 """
 
@@ -9,41 +9,43 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from models.translator import DESIGNS, TranslatorConfig
 from train.config import check
 
-DESIGNS = ("shared", "per_module")
-POOLINGS = ("last", "mean")
 SOURCES = ("synthetic", "jsonl", "prag")
 
 
 @dataclass
 class DataConfig:
     # "synthetic": generated fictional people | "jsonl": the two files below in
-    # dyprag_data's JSONL format | "prag": the two files below are PRAG's augmented
+    # data.py's JSONL format | "prag": the two files below are PRAG's augmented
     # QA files (train.dyprag.prag_format; e.g. data_aug/popqa/<model>/total.json)
     source: str = "synthetic"
     train_file: str = ""
     test_file: str = ""
     prag_dataset: str = ""  # source=prag: dataset name when the path does not tell (load_prag's dataset=)
     augment_model: str = ""  # source=prag: which '<model>_qa' fields to read if there are several
-    n_train_docs: int = 200  # synthetic: documents the translator learns from
-    n_test_docs: int = 40  # synthetic: held-out documents (disjoint entities)
+    # synthetic: 0 = the translator reads fresh documents every step (thousands in a run);
+    # N > 0 = a fixed pool of N documents, each with its PRAG LoRA (what distillation needs)
+    n_train_docs: int = 0
+    n_test_docs: int = 40  # synthetic: held-out documents (entities disjoint from training)
+    n_ood_docs: int = 40  # synthetic: held-out documents in unseen templates, wordings and values
     n_known: int = 100  # synthetic: entities the base model learns closed-book in pretraining
-    seed: int = 0
 
     def __post_init__(self):
         check(self.source in SOURCES, f"data.source={self.source!r} must be one of {SOURCES}")
         if self.source != "synthetic":
             check(bool(self.train_file and self.test_file), f"data.train_file and data.test_file must name files when data.source={self.source}")
-        check(self.n_train_docs >= 2, f"data.n_train_docs={self.n_train_docs} must be >= 2")
+        check(self.n_train_docs == 0 or self.n_train_docs >= 2, f"data.n_train_docs={self.n_train_docs} must be 0 (stream) or >= 2")
         check(self.n_test_docs >= 2, f"data.n_test_docs={self.n_test_docs} must be >= 2 (the shuffled control needs another doc)")
+        check(self.n_ood_docs == 0 or self.n_ood_docs >= 2, f"data.n_ood_docs={self.n_ood_docs} must be 0 or >= 2")
         check(self.n_known >= 1, f"data.n_known={self.n_known} must be >= 1")
 
 
 @dataclass
 class BaseConfig:
     path: str = ""  # "" = build and pretrain the tiny Llama below; else a local transformers causal-LM dir
-    vocab_size: int = 512  # BPE tokenizer trained on the synthetic corpus
+    vocab_size: int = 512  # BPE tokenizer fitted on the synthetic training text
     hidden: int = 64
     layers: int = 2
     heads: int = 4
@@ -61,11 +63,28 @@ class BaseConfig:
 
 
 @dataclass
-class PragConfig:
-    # DyPRAG's stage-1 values: LoRA rank 2, alpha 32 on the FFN projections, lr 3e-4, 1 epoch
+class LoraShape:
+    """The LoRA every method produces: PRAG fine-tunes it, the translator generates it."""
+
     target_modules: list[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
+    layers: list[int] = field(default_factory=list)  # decoder layers adapted; [] = all (upper layers only: backward stops early)
     rank: int = 2
     alpha: float = 32.0
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def __post_init__(self):
+        check(len(self.target_modules) > 0, "lora.target_modules must name at least one module")
+        check(all(i >= 0 for i in self.layers) and len(set(self.layers)) == len(self.layers), f"lora.layers={self.layers} must be distinct layer indices >= 0")
+        check(self.rank >= 1, f"lora.rank={self.rank} must be >= 1")
+        check(self.alpha > 0, f"lora.alpha={self.alpha} must be > 0")
+
+
+@dataclass
+class PragConfig:
+    # DyPRAG's stage-1 values: lr 3e-4, 1 epoch, batch size 1
     lr: float = 3e-4
     epochs: int = 1
     init_seed: int = 0  # every document's LoRA starts from the same initialization
@@ -73,35 +92,38 @@ class PragConfig:
     time_peft_docs: int = 2  # test documents also trained one at a time with peft, for the cost table
 
     def __post_init__(self):
-        check(len(self.target_modules) > 0, "prag.target_modules must name at least one module")
-        check(self.rank >= 1, f"prag.rank={self.rank} must be >= 1")
-        check(self.alpha > 0 and self.lr > 0, "prag.alpha and prag.lr must be > 0")
+        check(self.lr > 0, f"prag.lr={self.lr} must be > 0")
         check(self.epochs >= 1, f"prag.epochs={self.epochs} must be >= 1")
         check(self.batch_docs >= 1 and self.time_peft_docs >= 0, "prag.batch_docs must be >= 1 and prag.time_peft_docs >= 0")
 
 
 @dataclass
-class TranslatorTrainConfig:
-    designs: list[str] = field(default_factory=lambda: list(DESIGNS))  # each is trained and evaluated
-    hidden: int = 64  # translator width
-    pooling: str = "last"  # document embedding: last token or mean of the base model's last hidden states
-    epochs: int = 20
+class TrainConfig:
+    """How every translator design is trained (stage 2)."""
+
+    steps: int = 600
+    docs_per_step: int = 32
     lr: float = 1e-3
-    batch_docs: int = 16
-    # DyPRAG's loss weights: LM 1, KL 0.01, MSE 100
-    lambda_kl: float = 0.01
-    lambda_mse: float = 100.0
-    seed: int = 0
+    warmup: int = 30  # linear warmup steps, then cosine decay to 0
+    # Share of QA rows that also see the passage in the prompt: a LoRA trained only
+    # closed-book was never asked to cooperate with the passage (DyPRAG-Combine).
+    p_passage: float = 0.25
+    # PRAG distillation (DyPRAG's KL 0.01 and MSE 100): need PRAG LoRAs of the training
+    # documents, so a fixed pool (data.n_train_docs > 0 or a file source)
+    lambda_kl: float = 0.0
+    lambda_mse: float = 0.0
+    log_every: int = 10
 
     def __post_init__(self):
-        check(len(self.designs) > 0, "translator.designs must name at least one design")
-        for d in self.designs:
-            check(d in DESIGNS, f"translator.designs: {d!r} is not a design; allowed: {DESIGNS}")
-        check(len(set(self.designs)) == len(self.designs), f"translator.designs={self.designs} repeats a design")
-        check(self.pooling in POOLINGS, f"translator.pooling={self.pooling!r} must be one of {POOLINGS}")
-        check(self.hidden >= 1 and self.epochs >= 1 and self.batch_docs >= 1, "translator.hidden, epochs, batch_docs must be >= 1")
-        check(self.lr > 0, f"translator.lr={self.lr} must be > 0")
-        check(self.lambda_kl >= 0 and self.lambda_mse >= 0, "translator.lambda_kl and lambda_mse must be >= 0")
+        check(self.steps >= 1 and self.docs_per_step >= 1, "train.steps and train.docs_per_step must be >= 1")
+        check(self.lr > 0 and self.warmup >= 0, "train.lr must be > 0 and train.warmup >= 0")
+        check(0 <= self.p_passage <= 1, f"train.p_passage={self.p_passage} must be in [0, 1]")
+        check(self.lambda_kl >= 0 and self.lambda_mse >= 0, "train.lambda_kl and train.lambda_mse must be >= 0")
+        check(self.log_every >= 1, f"train.log_every={self.log_every} must be >= 1")
+
+    @property
+    def distills(self) -> bool:
+        return self.lambda_kl > 0 or self.lambda_mse > 0
 
 
 @dataclass
@@ -119,13 +141,30 @@ class DyPragConfig:
     runs_dir: str = "runs"
     overwrite: bool = False  # delete an existing run of another config and start again
     results_out: str = ""  # also copy results.md here (docs/results/dyprag.md for the default run)
-    threads: int = 1  # torch threads; on a shared 2-core machine 1 was several times faster than 2
+    threads: int = 1  # torch threads per seed; on a shared 2-core machine 1 was several times faster than 2
+    seeds: list[int] = field(default_factory=lambda: [0])  # each seed: its own data, base model, LoRAs and translators
+    jobs: int = 1  # seeds run at once (separate processes)
     data: DataConfig = field(default_factory=DataConfig)
     model: BaseConfig = field(default_factory=BaseConfig)  # the base LM
+    lora: LoraShape = field(default_factory=LoraShape)
     prag: PragConfig = field(default_factory=PragConfig)
-    translator: TranslatorTrainConfig = field(default_factory=TranslatorTrainConfig)
+    translator: TranslatorConfig = field(default_factory=TranslatorConfig)  # the design evaluated first
+    compare_designs: list[str] = field(default_factory=list)  # more designs, same settings but `design`
+    train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
-        check(bool(self.run_name) and "/" not in self.run_name, f"run_name={self.run_name!r} must be a non-empty name without '/'")
-        check(self.threads >= 1, f"threads={self.threads} must be >= 1")
+        check(bool(self.run_name) and "/" not in self.run_name and self.run_name not in (".", ".."),
+              f"run_name={self.run_name!r} must be a plain name (no '/', not '.' or '..')")
+        check(self.threads >= 1 and self.jobs >= 1, "threads and jobs must be >= 1")
+        check(len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds), f"seeds={self.seeds} must be distinct and at least one")
+        for d in self.compare_designs:
+            check(d in DESIGNS, f"compare_designs: {d!r} is not a design; allowed: {tuple(DESIGNS)}")
+        check(len(set(self.designs)) == len(self.designs), f"compare_designs={self.compare_designs} repeats a design (translator.design={self.translator.design!r} is trained anyway)")
+        if self.train.distills:
+            check(self.data.source != "synthetic" or self.data.n_train_docs > 0,
+                  "train.lambda_kl / train.lambda_mse need PRAG LoRAs of the training documents: set data.n_train_docs > 0 (a fixed pool)")
+
+    @property
+    def designs(self) -> list[str]:
+        return [self.translator.design, *self.compare_designs]

@@ -6,15 +6,19 @@ PRAG) are a rewrite in other words and one QA pair per fact. Evaluation asks
 about the same facts with *other* question wordings than the augmentation QA,
 so PRAG cannot pass by memorising its training questions.
 
-Three disjoint entity pools come from one seeded generator:
+Disjoint entity pools come from seeded generators:
   pretrain  entities the base model reads during pretraining (reading
             comprehension on fresh entities plus closed-book QA on a fixed
             "known" set, so both prompt formats work)
-  train     documents whose LoRAs the translator learns to predict
-  test      held-out documents for the evaluation table
+  train     an endless stream of fresh documents the translator learns from
+            (a hypernetwork needs thousands; `KnowledgeSet.training_docs`)
+  test      held-out entities in the training templates and value ranges
+  ood       held-out entities whose sentence style, question wordings and
+            attribute values (occupations, employer kinds, birth years) never
+            appear in pretraining or training
 
 Documents can also come from a JSONL file (one object per line:
-{"passage": str, "rewrite": str?, "qa": [{"question", "answer", "aliases"?}, ...],
+{"passage": str, "rewrite": str?, "qa": [{"question", "answer", "aliases"?, "kind"?}, ...],
 "eval_qa": [...]?}), checked by `load_docs_jsonl` before any work, or from the
 PRAG / DyPRAG QA files (train.dyprag.prag_format) via `docs_from_prag`.
 """
@@ -25,6 +29,7 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 # -----------------------------------------------------------------------------
 # prompt format shared by pretraining, PRAG, the translator and evaluation
@@ -53,6 +58,7 @@ class QA:
     question: str
     answer: str
     aliases: list[str] = field(default_factory=list)  # other accepted answers (EM/F1 take the best)
+    kind: str = ""  # fact type (synthetic: one of FACT_KINDS), for EM per fact type
 
     @property
     def answers(self) -> list[str]:
@@ -87,7 +93,10 @@ def _qa_list(obj, where: str) -> list[QA]:
         aliases = q.get("aliases", [])
         if not (isinstance(aliases, list) and all(isinstance(a, str) for a in aliases)):
             raise ValueError(f"{where}[{i}]: 'aliases' must be a list of strings")
-        out.append(QA(q["question"], q["answer"], aliases))
+        kind = q.get("kind", "")
+        if not isinstance(kind, str):
+            raise ValueError(f"{where}[{i}]: 'kind' (the fact type, for EM per type) must be a string")
+        out.append(QA(q["question"], q["answer"], aliases, kind))
     return out
 
 
@@ -157,12 +166,32 @@ def docs_jsonl(docs: list[Doc]) -> str:
 _ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "th", "dr", "kr", "st", "br", "sh"]
 _VOWELS = ["a", "e", "i", "o", "u", "ai", "ou", "ei"]
 _CODAS = ["", "", "", "n", "r", "l", "s", "th", "m", "k"]
-OCCUPATIONS = [
-    "glassblower", "cartographer", "beekeeper", "clockmaker", "astronomer", "weaver", "botanist", "sculptor",
-    "shipwright", "chemist", "lighthouse keeper", "tailor", "violinist", "potter", "surveyor", "baker",
-    "bookbinder", "falconer", "jeweler", "architect",
-]
-_ORG_SUFFIX = ["Works", "Guild", "Company", "Foundry", "Trading House", "Press", "Mills", "Institute"]
+
+
+@dataclass(frozen=True)
+class ValuePool:
+    """Where attribute values come from. Names, towns and cats are fresh generated words either way."""
+
+    occupations: tuple[str, ...]
+    org_suffixes: tuple[str, ...]
+    years: tuple[int, int]
+
+
+# seen in pretraining and training; the OOD pool's values never are
+IN_DISTRIBUTION = ValuePool(
+    occupations=(
+        "glassblower", "cartographer", "beekeeper", "clockmaker", "astronomer", "weaver", "botanist", "sculptor",
+        "shipwright", "chemist", "lighthouse keeper", "tailor", "violinist", "potter", "surveyor", "baker",
+        "bookbinder", "falconer", "jeweler", "architect",
+    ),
+    org_suffixes=("Works", "Guild", "Company", "Foundry", "Trading House", "Press", "Mills", "Institute"),
+    years=(1600, 1999),
+)
+OOD = ValuePool(
+    occupations=("ferryman", "locksmith", "cooper", "harpist", "tanner", "mason", "glazier", "printer", "saddler", "miller"),
+    org_suffixes=("Brewery", "Shipyard", "Bank", "Observatory"),
+    years=(1400, 1599),
+)
 
 
 def _word(rng: random.Random, syllables: int) -> str:
@@ -179,41 +208,52 @@ class Entity:
     pet: str
 
 
-def _entity(rng: random.Random) -> Entity:
+def _entity(rng: random.Random, pool: ValuePool = IN_DISTRIBUTION) -> Entity:
     return Entity(
         name=f"{_word(rng, 2)} {_word(rng, rng.choice([2, 3]))}",
         city=_word(rng, rng.choice([2, 3])),
-        year=str(rng.randint(1600, 1999)),
-        occupation=rng.choice(OCCUPATIONS),
-        employer=f"{_word(rng, 2)} {rng.choice(_ORG_SUFFIX)}",
+        year=str(rng.randint(*pool.years)),
+        occupation=rng.choice(pool.occupations),
+        employer=f"{_word(rng, 2)} {rng.choice(pool.org_suffixes)}",
         pet=_word(rng, 2),
     )
 
 
-# Per fact: two document sentences (passage style, rewrite style) and three
-# question wordings: [0] augmentation QA, [1] and [2] held-out eval wordings.
+# Per fact: document sentences in three styles and five question wordings.
+# Styles 0 and 1 (passage, rewrite) and wordings 0-2 are the training distribution:
+# wording 0 is the augmentation QA (PRAG, translator training), 1 and 2 are held-out
+# evaluation wordings that pretraining also uses. Style 2 and wordings 3-4 appear
+# nowhere in training: they make the out-of-distribution split.
 _FACTS = {
     "city": (
-        ["{n} was born in the town of {v}.", "The town of {v} is where {n} was born."],
-        ["Where was {n} born?", "In which town was {n} born?", "What is the birthplace of {n}?"],
+        ["{n} was born in the town of {v}.", "The town of {v} is where {n} was born.", "{n} first saw daylight in {v}."],
+        ["Where was {n} born?", "In which town was {n} born?", "What is the birthplace of {n}?",
+         "Which town does {n} come from originally?", "Name the town where {n} was born."],
     ),
     "year": (
-        ["{n} was born in the year {v}.", "The year of {n}'s birth was {v}."],
-        ["In what year was {n} born?", "When was {n} born?", "What was the birth year of {n}?"],
+        ["{n} was born in the year {v}.", "The year of {n}'s birth was {v}.", "{n} came into the world in {v}."],
+        ["In what year was {n} born?", "When was {n} born?", "What was the birth year of {n}?",
+         "Which year saw the birth of {n}?", "{n} was born in which year?"],
     ),
     "occupation": (
-        ["{n} works as a {v}.", "By trade, {n} is a {v}."],
-        ["What is the occupation of {n}?", "What does {n} do for a living?", "What is {n}'s job?"],
+        ["{n} works as a {v}.", "By trade, {n} is a {v}.", "{n} earns a living as a {v}."],
+        ["What is the occupation of {n}?", "What does {n} do for a living?", "What is {n}'s job?",
+         "What trade does {n} practise?", "{n} works in which profession?"],
     ),
     "employer": (
-        ["{n} is employed by {v}.", "The employer of {n} is {v}."],
-        ["Who employs {n}?", "Which company does {n} work for?", "Who is {n}'s employer?"],
+        ["{n} is employed by {v}.", "The employer of {n} is {v}.", "{n} draws a salary from {v}."],
+        ["Who employs {n}?", "Which company does {n} work for?", "Who is {n}'s employer?",
+         "For which organisation does {n} work?", "{n} is on the payroll of which firm?"],
     ),
     "pet": (
-        ["{n} keeps a cat named {v}.", "A cat called {v} lives with {n}."],
-        ["What is the name of {n}'s cat?", "What is {n}'s cat called?", "Which cat lives with {n}?"],
+        ["{n} keeps a cat named {v}.", "A cat called {v} lives with {n}.", "{n} owns a cat; its name is {v}."],
+        ["What is the name of {n}'s cat?", "What is {n}'s cat called?", "Which cat lives with {n}?",
+         "What name did {n} give the cat?", "{n}'s cat goes by what name?"],
     ),
 }
+FACT_KINDS = tuple(_FACTS)
+TRAIN_STYLES, OOD_STYLE = (0, 1), 2
+AUGMENT_WORDING, EVAL_WORDINGS, OOD_WORDINGS = 0, (1, 2), (3, 4)
 
 
 def _text(e: Entity, style: int, rng: random.Random, n_facts: int = len(_FACTS)) -> str:
@@ -221,39 +261,62 @@ def _text(e: Entity, style: int, rng: random.Random, n_facts: int = len(_FACTS))
     return " ".join(_FACTS[k][0][style].format(n=e.name, v=getattr(e, k)) for k in keys)
 
 
-def _questions(e: Entity, wording: int) -> list[QA]:
-    return [QA(_FACTS[k][1][wording].format(n=e.name), getattr(e, k)) for k in _FACTS]
+def _qa(e: Entity, k: str, wording: int) -> QA:
+    return QA(_FACTS[k][1][wording].format(n=e.name), getattr(e, k), kind=k)
 
 
 def entity_doc(e: Entity, rng: random.Random) -> Doc:
-    eval_qa = [QA(_FACTS[k][1][rng.choice([1, 2])].format(n=e.name), getattr(e, k)) for k in _FACTS]
-    return Doc(passage=_text(e, 0, rng), rewrite=_text(e, 1, rng), qa=_questions(e, 0), eval_qa=eval_qa)
+    """In-distribution document: passage and rewrite in the training styles, held-out eval wordings."""
+    eval_qa = [_qa(e, k, rng.choice(EVAL_WORDINGS)) for k in _FACTS]
+    return Doc(passage=_text(e, TRAIN_STYLES[0], rng), rewrite=_text(e, TRAIN_STYLES[1], rng),
+               qa=[_qa(e, k, AUGMENT_WORDING) for k in _FACTS], eval_qa=eval_qa)
+
+
+def ood_doc(e: Entity, rng: random.Random) -> Doc:
+    """Out-of-distribution document: a sentence style, question wordings and (for an OOD entity)
+    attribute values never seen in training. Its augmentation QA (for PRAG) uses the same
+    unseen wordings; evaluation asks the other one."""
+    w = [rng.choice(OOD_WORDINGS) for _ in _FACTS]
+    return Doc(passage=_text(e, OOD_STYLE, rng), rewrite=_text(e, TRAIN_STYLES[1], rng),
+               qa=[_qa(e, k, wi) for k, wi in zip(_FACTS, w)],
+               eval_qa=[_qa(e, k, sum(OOD_WORDINGS) - wi) for k, wi in zip(_FACTS, w)])
 
 
 @dataclass
 class KnowledgeSet:
-    train: list[Doc]
-    test: list[Doc]
+    test: list[Doc]  # held-out entities, training templates and values
+    ood: list[Doc]  # held-out entities, unseen templates, wordings and values
     known: list[Entity]  # closed-book facts taught in pretraining
     seed: int
+    names: set[str]  # every entity name above
+
+    def training_docs(self) -> Iterator[Doc]:
+        """An endless stream of fresh training documents (seeded); no entity of test, ood or known recurs."""
+        taken = set(self.names)
+        rng = random.Random(f"{self.seed}-train")
+        while True:
+            e = _entity(rng)
+            if e.name not in taken:
+                taken.add(e.name)
+                yield entity_doc(e, rng)
 
 
-def make_knowledge_set(n_train: int, n_test: int, n_known: int, seed: int) -> KnowledgeSet:
+def make_knowledge_set(n_test: int, n_ood: int, n_known: int, seed: int) -> KnowledgeSet:
     """Disjoint fictional entities (names never repeat across pools)."""
     rng = random.Random(seed)
     seen: set[str] = set()
 
-    def fresh() -> Entity:
+    def fresh(pool: ValuePool = IN_DISTRIBUTION) -> Entity:
         while True:
-            e = _entity(rng)
+            e = _entity(rng, pool)
             if e.name not in seen:
                 seen.add(e.name)
                 return e
 
     known = [fresh() for _ in range(n_known)]
-    train = [entity_doc(fresh(), rng) for _ in range(n_train)]
     test = [entity_doc(fresh(), rng) for _ in range(n_test)]
-    return KnowledgeSet(train, test, known, seed)
+    ood = [ood_doc(fresh(OOD), rng) for _ in range(n_ood)]
+    return KnowledgeSet(test, ood, known, seed, seen)
 
 
 # -----------------------------------------------------------------------------
@@ -288,11 +351,12 @@ def pretrain_sample(rng: random.Random, known: list[Entity]) -> tuple[str, str]:
     return "", _text(e, rng.randrange(2), rng) + EOS
 
 
-def tokenizer_corpus(n: int, seed: int, docs: list[Doc]) -> list[str]:
-    """Text to train the BPE tokenizer on: pretraining samples plus every document."""
+def tokenizer_corpus(n: int, seed: int, train_docs: list[Doc]) -> list[str]:
+    """Text to fit the BPE tokenizer on: pretraining samples and training documents only
+    (never the test or OOD documents, whose text would otherwise leak into the vocabulary)."""
     rng = random.Random(seed + 1)
     known = [_entity(rng) for _ in range(50)]
     out = ["".join(pretrain_sample(rng, known)) for _ in range(n)]
-    for d in docs:
+    for d in train_docs:
         out += [d.passage, d.rewrite] + [qa_prompt(q.question) + qa_target(q.answer) for q in d.qa + d.eval_qa]
     return out

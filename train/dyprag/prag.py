@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from models.lora import Loras, factored_lora, loras_from_peft
 from train.dyprag.base import encode_pairs
+from train.dyprag.config import LoraShape, PragConfig
 from train.dyprag.data import EOS, Doc, qa_prompt, qa_target
 
 
@@ -35,23 +36,24 @@ def doc_examples(doc: Doc) -> list[tuple[str, str]]:
     return texts + [(qa_prompt(q.question), qa_target(q.answer)) for q in doc.qa]
 
 
-def lora_config(target_modules: list[str], rank: int, alpha: float) -> LoraConfig:
-    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+def lora_config(shape: LoraShape) -> LoraConfig:
+    return LoraConfig(r=shape.rank, lora_alpha=shape.alpha, target_modules=list(shape.target_modules), layers_to_transform=list(shape.layers) or None,
+                      lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
 
 
-def initial_lora(model, target_modules: list[str], rank: int, alpha: float, seed: int) -> Loras:
+def initial_lora(model, shape: LoraShape, seed: int) -> Loras:
     """The shared starting point: peft's initialization under `seed`."""
     torch.manual_seed(seed)
-    peft_model = get_peft_model(model, lora_config(target_modules, rank, alpha))
+    peft_model = get_peft_model(model, lora_config(shape))
     init = loras_from_peft(peft_model)
     peft_model.unload()  # removes the LoRA layers, leaving `model` as it was
     return init
 
 
-def train_peft(model, tokenizer, doc: Doc, *, target_modules, rank, alpha, lr, epochs, seed, max_len) -> Loras:
+def train_peft(model, tokenizer, doc: Doc, shape: LoraShape, *, lr, epochs, seed, max_len) -> Loras:
     """One document's LoRA with peft (AdamW, batch size 1, no weight decay)."""
     torch.manual_seed(seed)
-    peft_model = get_peft_model(model, lora_config(target_modules, rank, alpha))
+    peft_model = get_peft_model(model, lora_config(shape))
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     examples = doc_examples(doc)
     for _ in range(epochs):
@@ -88,22 +90,19 @@ def train_batched(model, tokenizer, docs: list[Doc], init: Loras, *, scaling, lr
     return [{n: (A[i].detach().clone(), B[i].detach().clone()) for n, (A, B) in params.items()} for i in range(N)]
 
 
-def train_doc_loras(model, tokenizer, docs: list[Doc], cfg, max_len: int, desc: str) -> tuple[list[Loras], float]:
+def train_doc_loras(model, tokenizer, docs: list[Doc], shape: LoraShape, cfg: PragConfig, max_len: int, desc: str) -> tuple[list[Loras], float]:
     """All documents' LoRAs with the config's batching; returns them and seconds per document."""
     model.requires_grad_(False)
-    init = initial_lora(model, cfg.target_modules, cfg.rank, cfg.alpha, cfg.init_seed)
+    init = initial_lora(model, shape, cfg.init_seed)
     out: list[Loras] = []
     t0 = time.perf_counter()
     bar = tqdm(total=len(docs), desc=desc, leave=False)
     for start in range(0, len(docs), cfg.batch_docs):
         chunk = docs[start : start + cfg.batch_docs]
         if cfg.batch_docs == 1:
-            out.append(
-                train_peft(model, tokenizer, chunk[0], target_modules=cfg.target_modules, rank=cfg.rank, alpha=cfg.alpha,
-                           lr=cfg.lr, epochs=cfg.epochs, seed=cfg.init_seed, max_len=max_len)
-            )
+            out.append(train_peft(model, tokenizer, chunk[0], shape, lr=cfg.lr, epochs=cfg.epochs, seed=cfg.init_seed, max_len=max_len))
         else:
-            out += train_batched(model, tokenizer, chunk, init, scaling=cfg.alpha / cfg.rank, lr=cfg.lr, epochs=cfg.epochs, max_len=max_len)
+            out += train_batched(model, tokenizer, chunk, init, scaling=shape.scaling, lr=cfg.lr, epochs=cfg.epochs, max_len=max_len)
         bar.update(len(chunk))
     bar.close()
     return out, (time.perf_counter() - t0) / len(docs)
