@@ -21,10 +21,9 @@ from dataclasses import replace
 
 import torch
 
-from models.moe import MoE
 from train.config import load_config
 from train.data import build_corpus, sample_windows
-from train.lm import LMRunConfig, aux_losses, build_model, build_optimizer, lr_at, train
+from train.lm import LMRunConfig, build_model, build_optimizer, lr_at, train
 
 
 def trainer_tokens_per_s(cfg: LMRunConfig) -> float:
@@ -40,7 +39,6 @@ def bare_tokens_per_s(cfg: LMRunConfig, warmup: int) -> float:
     model = build_model(cfg)
     opt = build_optimizer(model, c)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, c))
-    moe_layers = [m for m in model.modules() if isinstance(m, MoE)]
     gen = torch.Generator().manual_seed(c.seed)
     n_windows = len(corpus.train.tokens) - c.seq_len - 1
     for step in range(c.steps):
@@ -48,13 +46,12 @@ def bare_tokens_per_s(cfg: LMRunConfig, warmup: int) -> float:
             start = time.perf_counter()
         x, y, _ = sample_windows(corpus.train, torch.randint(n_windows, (c.batch_size,), generator=gen), c.seq_len)
         out = model(x, y)
-        (out.loss + sum(aux_losses(out.aux).values(), torch.zeros(()))).backward()
+        (out.loss + sum(out.aux_losses.values(), torch.zeros(()))).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        for layer in moe_layers:
-            layer.update_bias()
+        model.after_optimizer_step()
     return (c.steps - warmup) * c.batch_size * c.seq_len / (time.perf_counter() - start)
 
 

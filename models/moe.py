@@ -10,7 +10,7 @@ expert under expert-choice routing.
 
     y, aux = MoE(MoEConfig(...))(x)          # x: (B, S, D) or (T, D)
     loss = task_loss + sum(aux.losses.values())
-    ...optimizer.step(); moe.update_bias()   # aux-loss-free balancing, if on
+    ...optimizer.step(); moe.after_optimizer_step()   # aux-loss-free bias, global-batch counts
 """
 from __future__ import annotations
 
@@ -34,17 +34,22 @@ SCORE_FUNCS = ("softmax", "sigmoid")
 ROUTINGS = ("token_choice", "expert_choice")
 DISPATCHES = ("grouped_mm", "auto", "padded_bmm", "loop")
 DROP_POLICIES = ("score", "position")
+BALANCE_SCOPES = ("micro_batch", "global")
 
 
 @dataclass
 class MoEConfig:
-    d_model: int = 256
+    # the token width; None when a model builds the layer, which passes its own (see train/lm.py)
+    d_model: Optional[int] = 256
     n_routed_experts: int = 8
     expert_hidden: int = 512
     top_k: int = 2
     # DeepSeekMoE fine-grained segmentation: every expert is split into
     # `granularity` experts of expert_hidden // granularity and top_k is
-    # multiplied by it, so parameters and FLOPs per token stay the same.
+    # multiplied by it, so routed parameters and FLOPs per token stay the
+    # same. Shared experts come on top of that; DeepSeekMoE instead carves
+    # them out of the fine-grained ones (mN - Ks routed, top mK - Ks):
+    # MoEConfig.fine_grained builds that recipe.
     granularity: int = 1
     # Shared experts see every token. Each has shared_expert_hidden units;
     # None means the size of one (fine-grained) routed expert,
@@ -63,6 +68,12 @@ class MoEConfig:
     routing: str = "token_choice"  # "token_choice" | "expert_choice" (non-causal)
     # load balancing, each its own coefficient
     balance_alpha: float = 0.0  # expert-level
+    # what the expert-level and device-level losses count f over: "micro_batch" (this forward's
+    # tokens) or "global": every micro-batch since the last optimizer step and every DDP rank
+    # (Qwen, arXiv 2501.11873; Megatron's global_aux_loss), so a micro-batch of one domain is not
+    # pushed to spread over all experts. Only the counts are pooled (no gradient crosses ranks);
+    # P stays this micro-batch's. Costs one all-reduce of E counts per layer and micro-batch.
+    balance_scope: str = "micro_batch"
     seq_balance_alpha: float = 0.0  # sequence-level (DeepSeek-V3)
     device_balance_alpha: float = 0.0  # device-level (DeepSeekMoE)
     n_devices: int = 1  # experts are split into this many groups for the device loss
@@ -90,10 +101,14 @@ class MoEConfig:
     init_std: float = 0.02  # normal init of the router and every expert weight
 
     def __post_init__(self):
-        for name in ("d_model", "n_routed_experts", "expert_hidden", "top_k", "granularity",
-                     "n_groups", "topk_groups", "n_devices"):
+        for name in ("n_routed_experts", "expert_hidden", "top_k", "granularity", "n_groups", "topk_groups",
+                     "n_devices"):
             v = getattr(self, name)
             check(isinstance(v, int) and v >= 1, f"moe.{name}={v!r} must be an integer >= 1")
+        check(self.d_model is None or (isinstance(self.d_model, int) and self.d_model >= 1),
+              f"moe.d_model={self.d_model!r} must be an integer >= 1, or None when a model passes its width")
+        check(self.balance_scope in BALANCE_SCOPES,
+              f"moe.balance_scope={self.balance_scope!r} must be one of {BALANCE_SCOPES}")
         check(self.n_shared_experts >= 0,
               f"moe.n_shared_experts={self.n_shared_experts} must be >= 0")
         check(self.shared_expert_hidden is None or self.shared_expert_hidden >= 1,
@@ -165,6 +180,21 @@ class MoEConfig:
         """Total hidden width of all shared experts (they are fused into one SwiGLU)."""
         per = self.shared_expert_hidden or self.hidden_per_expert
         return self.n_shared_experts * per
+
+    @classmethod
+    def fine_grained(cls, dense_hidden: int, n_experts: int, top_k: int, granularity: int,
+                     n_shared_experts: int, **kwargs) -> MoEConfig:
+        """DeepSeekMoE's recipe from a conventional MoE of n_experts (N) experts of dense_hidden
+        units, top_k (K) per token: split each into granularity (m) experts of dense_hidden / m
+        and isolate Ks = n_shared_experts of them as shared experts, which leaves mN - Ks routed
+        experts, top mK - Ks. Total parameters and FLOPs per token stay those of the N x top-K MoE."""
+        check(dense_hidden % granularity == 0,
+              f"dense_hidden={dense_hidden} must be divisible by granularity={granularity}")
+        check(0 <= n_shared_experts < granularity * top_k,
+              f"n_shared_experts={n_shared_experts} must be in [0, granularity*top_k={granularity * top_k})")
+        return cls(n_routed_experts=granularity * n_experts - n_shared_experts,
+                   expert_hidden=dense_hidden // granularity, top_k=granularity * top_k - n_shared_experts,
+                   n_shared_experts=n_shared_experts, **kwargs)
 
     def capacity(self, n_tokens: int, training: bool = True) -> Optional[int]:
         """Token-choice assignments each expert keeps; None = all of them."""
@@ -398,15 +428,19 @@ class Router(nn.Module):
 # -----------------------------------------------------------------------------
 # balance losses
 
-def balance_loss(counts_E: torch.Tensor, probs_TE: torch.Tensor, n_assign: int) -> torch.Tensor:
-    """sum_i f_i * P_i with f_i = E/(K*T) * counts_i and P_i the mean probability.
+def load_fraction(counts_E: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """f_i = E/(K*T) * counts_i: the counts sum to K*T (the tokens they were counted over, which
+    may be more than P's under global balancing), so uniform routing gives f_i = 1."""
+    return counts_E.to(dtype) * (counts_E.numel() / counts_E.sum())
+
+
+def balance_loss(counts_E: torch.Tensor, probs_TE: torch.Tensor) -> torch.Tensor:
+    """sum_i f_i * P_i with P_i the mean probability.
 
     Normalized so perfectly uniform routing gives exactly 1 (then multiply by alpha).
-    n_assign = K*T. Gradients reach the router through P only (counts are discrete).
+    Gradients reach the router through P only (counts are discrete).
     """
-    E = probs_TE.shape[-1]
-    f_E = counts_E.to(probs_TE.dtype) * (E / n_assign)
-    return (f_E * probs_TE.mean(dim=0)).sum()
+    return (load_fraction(counts_E, probs_TE.dtype) * probs_TE.mean(dim=0)).sum()
 
 
 def seq_balance_loss(idx_BSK: torch.Tensor, probs_BSE: torch.Tensor) -> torch.Tensor:
@@ -419,13 +453,12 @@ def seq_balance_loss(idx_BSK: torch.Tensor, probs_BSE: torch.Tensor) -> torch.Te
     return (f_BE * probs_BSE.mean(dim=1)).sum(dim=-1).mean()
 
 
-def device_balance_loss(counts_E: torch.Tensor, probs_TE: torch.Tensor, n_assign: int, n_devices: int) -> torch.Tensor:
+def device_balance_loss(counts_E: torch.Tensor, probs_TE: torch.Tensor, n_devices: int) -> torch.Tensor:
     """DeepSeekMoE device-level loss: experts in n_devices contiguous groups.
 
     f'_d is the mean f_i over group d, P'_d the summed P_i; uniform routing gives 1.
     """
-    E = probs_TE.shape[-1]
-    f_DE = (counts_E.to(probs_TE.dtype) * (E / n_assign)).view(n_devices, -1)
+    f_DE = load_fraction(counts_E, probs_TE.dtype).view(n_devices, -1)
     P_DE = probs_TE.mean(dim=0).view(n_devices, -1)
     return (f_DE.mean(dim=-1) * P_DE.sum(dim=-1)).sum()
 
@@ -503,6 +536,9 @@ class MoEAux:
     drop_fraction: torch.Tensor
     max_vio: torch.Tensor  # (max load - mean load) / mean load
     router_entropy: torch.Tensor  # mean over tokens of the entropy of probs_TE, in nats
+    # balance_scope="global": the expert-level loss with this micro-batch's own counts, to log
+    # beside balance_loss (whose counts are pooled); None otherwise
+    micro_balance_loss: Optional[torch.Tensor] = None
 
     @property
     def losses(self) -> dict[str, torch.Tensor]:
@@ -512,8 +548,11 @@ class MoEAux:
     @property
     def metrics(self) -> dict[str, torch.Tensor]:
         """Detached tensors, so reading them every step costs no device sync; float() them to log."""
-        return {"tokens_per_expert": self.tokens_per_expert, "drop_fraction": self.drop_fraction,
-                "max_vio": self.max_vio, "router_entropy": self.router_entropy}
+        metrics = {"tokens_per_expert": self.tokens_per_expert, "drop_fraction": self.drop_fraction,
+                   "max_vio": self.max_vio, "router_entropy": self.router_entropy}
+        if self.micro_balance_loss is not None:
+            metrics["micro_balance_loss"] = self.micro_balance_loss
+        return metrics
 
 
 class MoE(nn.Module):
@@ -527,19 +566,27 @@ class MoE(nn.Module):
 
     def __init__(self, cfg: MoEConfig):
         super().__init__()
+        if cfg.d_model is None:
+            raise ValueError("moe.d_model=None: give the token width (a model passes its own)")
         self.cfg = cfg
         self.router = Router(cfg)
         self.experts = RoutedExperts(cfg)
         self.shared = SwiGLU(cfg.d_model, cfg.shared_hidden) if cfg.n_shared_experts else None
         self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False) if cfg.shared_gate else None
-        # loads since the last update_bias(); a plain attribute, not a buffer, so
-        # neither checkpoints nor DDP buffer broadcasts touch it
+        # routed counts since the last after_optimizer_step(), pooled over DDP ranks under
+        # balance_scope="global"; a plain attribute, not a buffer, so neither checkpoints nor
+        # DDP buffer broadcasts touch it
         self.load_E = torch.zeros(cfg.n_experts)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, out_scale: float = 1.0) -> None:
+        """Every weight of the layer ~ N(0, init_std); the output projections (routed and shared
+        down) get init_std * out_scale: a model scales its residual branches' outputs with depth
+        (GPT-2) through out_scale, and leaves the rest of this layer's initialisation to it."""
+        std = self.cfg.init_std
+        outputs = {id(self.experts.w_down)} | ({id(self.shared.down.weight)} if self.shared else set())
         for p in self.parameters():
-            nn.init.normal_(p, std=self.cfg.init_std)
+            nn.init.normal_(p, std=std * out_scale if id(p) in outputs else std)
         if self.router.noise_weight is not None:
             nn.init.zeros_(self.router.noise_weight)  # start noiseless-ish: softplus(0) = 0.69
 
@@ -601,9 +648,11 @@ class MoE(nn.Module):
         T, E = routing.logits_TE.shape
         zero = routing.logits_TE.new_zeros(())
         counts_E = plan.routed_E
-        n_assign = T * cfg.experts_per_token
-        if self.training and cfg.bias_update_rate > 0:
-            self.load_E = self.load_E.to(counts_E.device) + counts_E
+        pooled = self.training and cfg.balance_scope == "global"
+        if self.training and (cfg.bias_update_rate > 0 or pooled):
+            # once per forward: activation checkpointing's recomputed forward would count twice
+            self.load_E = self.load_E.to(counts_E.device) + (self.all_reduce(counts_E.float()) if pooled else counts_E)
+        balance_counts_E = self.load_E if pooled else counts_E
         with torch.no_grad():
             load_E = counts_E.float()
             max_vio = (load_E.max() - load_E.mean()) / load_E.mean()
@@ -614,33 +663,49 @@ class MoE(nn.Module):
 
         probs_TE = routing.probs_TE
         return MoEAux(
-            balance_loss=coef(cfg.balance_alpha, lambda: balance_loss(counts_E, probs_TE, n_assign)),
+            balance_loss=coef(cfg.balance_alpha, lambda: balance_loss(balance_counts_E, probs_TE)),
             seq_balance_loss=coef(cfg.seq_balance_alpha, lambda: seq_balance_loss(
                 routing.idx_TK.view(n_seq, T // n_seq, -1), probs_TE.view(n_seq, T // n_seq, E))),
             device_balance_loss=coef(cfg.device_balance_alpha, lambda: device_balance_loss(
-                counts_E, probs_TE, n_assign, cfg.n_devices)),
+                balance_counts_E, probs_TE, cfg.n_devices)),
             z_loss=coef(cfg.z_loss_coef, lambda: z_loss(routing.logits_TE)),
             tokens_per_expert=counts_E.detach(),
             drop_fraction=plan.drop_fraction,
             max_vio=max_vio,
             router_entropy=entropy,
+            micro_balance_loss=coef(cfg.balance_alpha, lambda: balance_loss(counts_E, probs_TE.detach()))
+            if pooled else None,
         )
+
+    @staticmethod
+    def all_reduce(t: torch.Tensor) -> torch.Tensor:
+        """Sum over DDP ranks (a no-op without a process group); no gradient flows through it."""
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(t)
+        return t
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Call once after every optimizer step: the aux-loss-free bias step, if on, and a new
+        step's pooled counts for global balancing. Every rank ends with the same bias."""
+        if self.cfg.bias_update_rate > 0:
+            self.update_bias()
+        else:
+            self.load_E = torch.zeros_like(self.load_E)
 
     @torch.no_grad()
     def update_bias(self) -> None:
-        """Aux-loss-free balancing step (DeepSeek-V3); call once after every optimizer step.
+        """Aux-loss-free balancing step (DeepSeek-V3), from the loads since the last call,
+        which it then clears; after_optimizer_step() calls it.
 
         b_i += gamma * sign(mean load - load_i), then re-centred to mean zero.
         Loads are summed over all micro-batches since the last call and over
         all DDP ranks, so every rank applies the same update.
         """
-        gamma = self.cfg.bias_update_rate
-        if gamma == 0:
-            return
         bias_E = self.router.expert_bias
         load_E = self.load_E.to(device=bias_E.device, dtype=torch.float32)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(load_E)
-        bias_E += (gamma * torch.sign(load_E.mean() - load_E)).to(bias_E.dtype)
+        if self.cfg.balance_scope != "global":  # pooled counts are summed over ranks already
+            load_E = self.all_reduce(load_E)
+        bias_E += (self.cfg.bias_update_rate * torch.sign(load_E.mean() - load_E)).to(bias_E.dtype)
         bias_E -= bias_E.mean()
         self.load_E = torch.zeros_like(load_E)

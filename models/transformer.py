@@ -5,7 +5,12 @@ embeddings -> RMSNorm -> feed-forward, tied input/output embeddings. The
 feed-forward block of each layer comes from a factory, so a sparse layer (the
 MoE of models/moe.py) plugs in without touching this file: a block may return
 either `y` or `(y, aux)`, where `aux` carries auxiliary losses (`aux.losses`,
-a dict of scalar tensors) and metrics (`aux.metrics`).
+a dict of scalar tensors) and metrics (`aux.metrics`). A sparse block also
+initialises itself (`reset_parameters(out_scale)`) and may keep state across
+micro-batches (`after_optimizer_step()`).
+
+A trainer sees only the model's side of that: `out.aux_losses` to add to the
+objective, `out.aux_metrics` to log, `model.after_optimizer_step()`.
 """
 
 from __future__ import annotations
@@ -147,6 +152,16 @@ class LMOutput:
     loss: torch.Tensor | None            # mean next-token cross-entropy, when targets are given
     aux: dict[int, Any]                  # layer index -> what its feed-forward block reported
 
+    @property
+    def aux_losses(self) -> dict[str, torch.Tensor]:
+        """`layer{i}/{name}` -> each auxiliary loss (already times its coefficient): add their sum to the loss."""
+        return {f"layer{i}/{name}": v for i, a in self.aux.items() for name, v in a.losses.items()}
+
+    @property
+    def aux_metrics(self) -> dict[str, torch.Tensor]:
+        """`layer{i}/{name}` -> each block metric, detached: scalars, or per-expert vectors (loads)."""
+        return {f"layer{i}/{name}": v for i, a in self.aux.items() for name, v in a.metrics.items()}
+
 
 class Transformer(nn.Module):
     def __init__(self, cfg: TransformerConfig, ffn_factory: Callable[[int], nn.Module] | None = None):
@@ -164,17 +179,33 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         rot = rotary_table(cfg.d_model // cfg.n_head, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope", rot, persistent=False)
-        self.apply(self._init)
-        # scale the residual-branch outputs down with depth (GPT-2), so the stream's variance stays put
-        for name, p in self.named_parameters():
-            if name.endswith(("attn.out.weight", "down.weight", "experts.w_down")):
-                nn.init.normal_(p, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+        self.reset_parameters()
 
-    def _init(self, m: nn.Module) -> None:
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=self.cfg.init_std)
-            if getattr(m, "bias", None) is not None:
-                nn.init.zeros_(m.bias)
+    def sparse_blocks(self) -> list[nn.Module]:
+        """The feed-forward blocks the factory built (they own their initialisation and state)."""
+        return [b.ffn for i, b in enumerate(self.blocks) if self.cfg.is_sparse_layer(i)]
+
+    def reset_parameters(self) -> None:
+        """Every weight has one owner: a sparse block initialises itself (with its own std,
+        e.g. moe.init_std), this model everything else with model.init_std. Both scale the
+        residual-branch outputs down with depth (GPT-2), so the stream's variance stays put."""
+        out_scale = 1 / math.sqrt(2 * self.cfg.n_layer)
+        sparse = {id(m) for f in self.sparse_blocks() for m in f.modules()}
+        for m in self.modules():
+            if id(m) not in sparse and isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=self.cfg.init_std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.out.weight", "ffn.down.weight")):  # a dense block's, not a sparse one's
+                nn.init.normal_(p, std=self.cfg.init_std * out_scale)
+        for f in self.sparse_blocks():
+            f.reset_parameters(out_scale=out_scale)
+
+    def after_optimizer_step(self) -> None:
+        """Call once after every optimizer step: sparse blocks step what they keep across micro-batches."""
+        for f in self.sparse_blocks():
+            f.after_optimizer_step()
 
     def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None) -> LMOutput:
         T = idx_BT.shape[1]

@@ -437,6 +437,24 @@ def test_active_parameters():
     assert coarse.active_parameters() - 8 * 16 == moe.active_parameters() - router - shared - gate
 
 
+def test_fine_grained_recipe_keeps_total_and_active_parameters():
+    """DeepSeekMoE: N=8 experts of 256, top-2 -> m=4, Ks=1: 31 routed of 64, top-7, 1 shared."""
+    cfg = MoEConfig.fine_grained(dense_hidden=256, n_experts=8, top_k=2, granularity=4, n_shared_experts=1,
+                                 d_model=32)
+    assert (cfg.n_routed_experts, cfg.expert_hidden, cfg.top_k, cfg.n_shared_experts) == (31, 64, 7, 1)
+    fine, coarse = MoE(cfg), MoE(MoEConfig(d_model=32, n_routed_experts=8, expert_hidden=256, top_k=2))
+    experts = lambda m: sum(p.numel() for n, p in m.named_parameters() if not n.startswith("router"))
+    assert experts(fine) == experts(coarse)
+    routers = lambda m: m.router.weight.numel()
+    assert fine.active_parameters() - routers(fine) == coarse.active_parameters() - routers(coarse)
+    # the granularity option alone adds shared experts on top: more active parameters
+    on_top = MoE(MoEConfig(d_model=32, n_routed_experts=8, expert_hidden=256, top_k=2, granularity=4,
+                           n_shared_experts=1))
+    assert on_top.active_parameters() - routers(on_top) > coarse.active_parameters() - routers(coarse)
+    with pytest.raises(ValueError, match="^n_shared_experts=8"):
+        MoEConfig.fine_grained(dense_hidden=256, n_experts=8, top_k=2, granularity=4, n_shared_experts=8)
+
+
 @pytest.mark.parametrize("kwargs, field", [
     (dict(top_k=9), "moe.top_k=9"),
     (dict(expert_hidden=10, granularity=4), "moe.expert_hidden=10"),
@@ -450,6 +468,8 @@ def test_active_parameters():
     (dict(dispatch="magic"), "moe.dispatch='magic'"),
     (dict(drop_policy="random"), "moe.drop_policy='random'"),
     (dict(eval_capacity_factor=0.0), "moe.eval_capacity_factor=0.0"),
+    (dict(balance_scope="batch"), "moe.balance_scope='batch'"),
+    (dict(d_model=0), "moe.d_model=0"),
 ])
 def test_config_errors_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match="^" + field.replace("(", r"\(")):
@@ -592,6 +612,65 @@ def test_bias_accumulates_micro_batches_and_skips_eval():
     moe.update_bias()
     assert moe.load_E.sum() == 0
     assert "router.expert_bias" in moe.state_dict() and "load_E" not in moe.state_dict()
+
+
+# -----------------------------------------------------------------------------
+# global-batch balancing
+
+
+def global_moe(seed: int = 0) -> MoE:
+    torch.manual_seed(seed)
+    return MoE(MoEConfig(d_model=16, n_routed_experts=8, expert_hidden=8, top_k=2, balance_alpha=0.1,
+                         device_balance_alpha=0.1, n_devices=2, balance_scope="global", init_std=0.5))
+
+
+def test_global_balance_pools_counts_over_micro_batches():
+    moe = global_moe()
+    x = torch.randn(3, 16, 16) + torch.arange(3.0).view(3, 1, 1) * torch.randn(16)  # micro-batches route apart
+    auxes = [moe(m)[1] for m in x.split(1)]
+    one_batch = global_moe().eval()(x)[1].tokens_per_expert  # eval: one batch's own counts
+    assert torch.equal(moe.load_E, one_batch.float())
+    for i, aux in enumerate(auxes):  # each micro-batch: the counts pooled so far, its own P
+        pooled = sum(a.tokens_per_expert for a in auxes[:i + 1]).float()
+        f = 8 * pooled / pooled.sum()
+        P = moe.router(x[i]).probs_TE.mean(0)
+        torch.testing.assert_close(aux.balance_loss, 0.1 * (f * P).sum())
+        torch.testing.assert_close(aux.device_balance_loss, 0.1 * (f.view(2, 4).mean(1) * P.view(2, 4).sum(1)).sum())
+        local = auxes[i].tokens_per_expert.float()
+        torch.testing.assert_close(aux.micro_balance_loss, 0.1 * (8 * local / local.sum() * P).sum())
+    assert not torch.allclose(auxes[-1].balance_loss, auxes[-1].micro_balance_loss)
+    assert "micro_balance_loss" in auxes[-1].metrics
+    moe.after_optimizer_step()
+    assert moe.load_E.sum() == 0
+
+
+GLOBAL_BALANCE_SCRIPT = """
+import sys, torch, torch.distributed as dist
+from tests.test_moe import global_moe
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)
+moe = global_moe()
+x = torch.randn(2, 2, 8, 16, generator=torch.Generator().manual_seed(10)) + torch.randn(2, 1, 1, 16)
+for micro in x[rank]:  # this rank's two micro-batches
+    moe(micro)[0].sum().backward()
+one_batch = global_moe().eval()(x.flatten(0, 1))[1].tokens_per_expert
+local = sum(global_moe().eval()(m)[1].tokens_per_expert for m in x[rank])
+assert not torch.equal(local.float(), one_batch.float() / 2), "ranks routed alike: the test would prove nothing"
+assert torch.equal(moe.load_E, one_batch.float()), (moe.load_E, one_batch)
+print("GLOBAL_COUNTS_OK")
+dist.destroy_process_group()
+"""
+
+
+def test_global_balance_pools_counts_over_ranks(tmp_path):
+    """2 processes under gloo, 2 micro-batches each: the pooled counts are those of the 4 as one batch."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    ranks = [subprocess.Popen([sys.executable, "-c", GLOBAL_BALANCE_SCRIPT, str(r), str(tmp_path / "rendezvous")],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(2)]
+    logs = [r.communicate(timeout=120)[0] for r in ranks]
+    # the marker, not the exit code: gloo's teardown can abort a process after its work is done
+    assert all("GLOBAL_COUNTS_OK" in log for log in logs), "\n".join(logs)
 
 
 DDP_SCRIPT = textwrap.dedent("""

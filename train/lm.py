@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +87,8 @@ class LMRunConfig:
     run_name: str = "lm"
     out_dir: str = "runs"
     model: TransformerConfig = field(default_factory=TransformerConfig)
-    moe: MoEConfig = field(default_factory=MoEConfig)   # used by the layers model.ffn=moe makes sparse
+    # used by the layers model.ffn=moe makes sparse; its d_model is the model's, set by build_model
+    moe: MoEConfig = field(default_factory=lambda: MoEConfig(d_model=None))
     data: DataConfig = field(default_factory=DataConfig)
     train: OptimConfig = field(default_factory=OptimConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -101,9 +102,8 @@ class LMRunConfig:
         else:
             check(self.model.vocab_size == self.data.bpe_vocab_size,
                   f"model.vocab_size={self.model.vocab_size} must equal data.bpe_vocab_size={self.data.bpe_vocab_size}")
-        if self.model.ffn == "moe":
-            check(self.moe.d_model == self.model.d_model, f"moe.d_model={self.moe.d_model} must equal model.d_model={self.model.d_model}"
-                  " (configs set it with moe.d_model: ${model.d_model})")
+        check(self.moe.d_model in (None, self.model.d_model),
+              f"moe.d_model={self.moe.d_model} must be left unset: the MoE layers take model.d_model={self.model.d_model}")
 
     @property
     def run_dir(self) -> Path:
@@ -114,7 +114,7 @@ class LMRunConfig:
 
 
 def build_model(cfg: LMRunConfig) -> Transformer:
-    return Transformer(cfg.model, ffn_factory=lambda layer: MoE(cfg.moe))
+    return Transformer(cfg.model, ffn_factory=lambda layer: MoE(replace(cfg.moe, d_model=cfg.model.d_model)))
 
 
 def lr_at(step: int, c: OptimConfig) -> float:
@@ -131,20 +131,6 @@ def build_optimizer(model: torch.nn.Module, c: OptimConfig) -> torch.optim.AdamW
     other = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": c.weight_decay}, {"params": other, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=c.lr, betas=(c.beta1, c.beta2), fused=False)
-
-
-def aux_losses(aux: dict[int, Any]) -> dict[str, torch.Tensor]:
-    return {f"layer{i}/{name}": v for i, a in aux.items() for name, v in a.losses.items()}
-
-
-def scalar_metrics(aux: dict[int, Any]) -> dict[str, float]:
-    out = {}
-    for i, a in aux.items():
-        for name, v in a.metrics.items():
-            if torch.is_tensor(v) and v.numel() != 1:
-                continue  # per-expert vectors go to the heatmap, not the log line
-            out[f"layer{i}/{name}"] = float(v)
-    return out
 
 
 @torch.no_grad()
@@ -213,17 +199,16 @@ def train(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = False) ->
             atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in kept))
             (run_dir / DONE_MARKER).unlink(missing_ok=True)
 
-    moe_layers = [m for m in model.modules() if isinstance(m, MoE)]
     model, opt = acc.prepare(model, opt)
     c, log = cfg.train, cfg.log
     world, rank = acc.num_processes, acc.process_index
     tokens_per_step = c.batch_size * c.grad_accum * world * c.seq_len
     n_windows = len(corpus.train.tokens) - c.seq_len - 1
-    # routed tokens per expert since the run began (kept in checkpoints), for the load heatmap
-    expert_load = {i: torch.zeros(b.ffn.cfg.n_experts) for i, b in enumerate(acc.unwrap_model(model).blocks)
-                   if isinstance(b.ffn, MoE)}
+    # the model's per-expert metrics (`layer{i}/tokens_per_expert`) summed since the run began (kept in
+    # checkpoints), for the load heatmap
+    expert_load: dict[str, torch.Tensor] = {}
     if resume:
-        expert_load.update({int(i): load for i, load in state["expert_load"].items()})
+        expert_load.update(state["expert_load"])
     last_step = c.stop_at or c.steps
     metrics_file = run_dir / "metrics.jsonl"
     bar = tqdm(total=last_step, initial=step, disable=not (log.progress and acc.is_main_process), desc=cfg.run_name, unit="step")
@@ -234,27 +219,31 @@ def train(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = False) ->
         if acc.is_main_process:
             state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
                      "data_rng": data_gen.get_state(), "step": step,
-                     "expert_load": {str(i): load for i, load in expert_load.items()}}
+                     "expert_load": expert_load}
             save_checkpoint(run_dir, step, acc.unwrap_model(model).state_dict(), state)
 
     while step < last_step:
         # one flat draw for the global batch, so 1 process x 2b and 2 processes x b see the same windows
         starts = torch.randint(n_windows, (c.grad_accum * world * c.batch_size,), generator=data_gen)
         starts = starts.view(c.grad_accum, world, c.batch_size)[:, rank]
-        loss_sum = torch.zeros(())
+        loss_sum, aux_sum = torch.zeros(()), {}  # aux: the model's scalar aux losses and metrics, summed
         for micro in range(c.grad_accum):
             x, y, _ = sample_windows(corpus.train, starts[micro], c.seq_len)
             sync = micro == c.grad_accum - 1
             with acc.no_sync(model) if not sync else nullcontext(), acc.autocast():
                 out = model(x.to(acc.device), y.to(acc.device))
-                losses = aux_losses(out.aux)
-                objective = out.loss + sum(losses.values(), torch.zeros((), device=out.loss.device))
+                objective = out.loss + sum(out.aux_losses.values(), torch.zeros((), device=out.loss.device))
                 acc.backward(objective / c.grad_accum)
             loss_sum += out.loss.detach().float().cpu()
-            for i in expert_load:
-                expert_load[i] += out.aux[i].metrics["tokens_per_expert"].float().cpu()
-        # mean over ranks: the logged loss is the global batch's, and every rank sees a NaN together
-        train_loss = acc.reduce(loss_sum.to(acc.device) / c.grad_accum, reduction="mean").item()
+            for k, v in {**out.aux_losses, **out.aux_metrics}.items():
+                if v.numel() == 1:
+                    aux_sum[k] = aux_sum.get(k, 0) + v.detach().float()
+                else:  # per-expert vectors go to the heatmap, not the log line
+                    expert_load[k] = expert_load.get(k, 0) + v.float().cpu()
+        # mean over micro-batches and ranks: the logged values are the global batch's, and every rank sees a NaN
+        means = acc.reduce(torch.stack([loss_sum.to(acc.device), *aux_sum.values()]) / c.grad_accum,
+                           reduction="mean").tolist()
+        train_loss, aux_means = means[0], dict(zip(aux_sum, means[1:]))
         if not math.isfinite(train_loss):
             good = latest_checkpoint(run_dir)
             raise NonFiniteLoss(f"loss became {train_loss} at step {step + 1}; stopped. "
@@ -264,8 +253,7 @@ def train(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = False) ->
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        for layer in moe_layers:
-            layer.update_bias()
+        acc.unwrap_model(model).after_optimizer_step()
         step += 1
         tok_window += tokens_per_step
         bar.update(1)
@@ -278,8 +266,7 @@ def train(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = False) ->
                    "lr": sched.get_last_lr()[0], "tokens_per_s": round(tok_window / (now - t_window), 1)}
             if val_loss is not None:
                 row["val_loss"] = round(val_loss, 5)
-            row.update({k: round(v.item(), 6) for k, v in losses.items()})
-            row.update({k: round(v, 5) for k, v in scalar_metrics(out.aux).items()})
+            row.update({k: round(v, 6) for k, v in aux_means.items()})
             if acc.is_main_process:
                 with metrics_file.open("a") as f:
                     f.write(json.dumps(row) + "\n")
@@ -302,7 +289,7 @@ def train(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = False) ->
         plots.loss_curve(metrics, run_dir / "loss.png", cfg.run_name)
         if expert_load:
             rows = [(load / load.sum()).tolist() for load in expert_load.values()]
-            plots.heatmap(rows, [f"layer {i}" for i in expert_load], "expert", run_dir / "expert_load.png",
+            plots.heatmap(rows, [k.split("/")[0] for k in expert_load], "expert", run_dir / "expert_load.png",
                           "share of routed tokens per expert", "share")
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
         if summary["finished"]:
