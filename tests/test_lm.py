@@ -13,7 +13,8 @@ import torch
 from models.transformer import Transformer, TransformerConfig
 from train import checkpoint as ckpt
 from train.config import ConfigError, load_config
-from train.lm import LMRunConfig, NonFiniteLoss, main, train
+from train.data import BPETokenizer
+from train.lm import RESUME_SAFE, LMRunConfig, ModelTooLarge, NonFiniteLoss, main, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs/lm/tiny.yaml")
@@ -87,6 +88,89 @@ def test_resume_is_exact(tmp_path):
     assert [{k: v for k, v in r.items() if k not in drop} for r in a] == [{k: v for k, v in r.items() if k not in drop} for r in b]
 
 
+@pytest.mark.parametrize("change", ["train.lr=0.001", "data.seed=1", "data.n_samples=1000", "train.batch_size=4",
+                                    "model.n_layer=3"])
+def test_resume_with_a_changed_config_is_refused_and_lists_the_keys(tmp_path, capsys, change):
+    train(tiny(tmp_path, "train.stop_at=10"))
+    before = metrics(tmp_path / "tiny")
+    key, value = change.split("=")
+    assert main([TINY, f"out_dir={tmp_path}", change, "train.steps=60", "--resume", "--allow-changes"]) == 2
+    err = capsys.readouterr().err
+    assert f"with a different config, it would mix two in one run: {key} " in err and f"-> {value}" in err.replace("'", "")
+    assert "train.steps" not in err.split(". Resume")[0]  # allowed with --allow-changes: not listed
+    assert metrics(tmp_path / "tiny") == before
+
+
+def test_resume_allows_named_safe_changes_and_records_them(tmp_path, capsys):
+    train(tiny(tmp_path, "train.stop_at=10"))
+    assert main([TINY, f"out_dir={tmp_path}", "train.steps=50", "--resume"]) == 2
+    assert "train.steps 40 -> 50" in capsys.readouterr().err
+    assert main([TINY, f"out_dir={tmp_path}", "train.steps=50", "log.log_every=10", "--resume", "--allow-changes"]) == 0
+    assert metrics(tmp_path / "tiny")[-1]["step"] == 50
+    [record] = [json.loads(line) for line in (tmp_path / "tiny/config_changes.jsonl").read_text().splitlines()]
+    assert record == {"step": 10, "changes": {"train.steps": [40, 50], "log.log_every": [5, 10]}}
+    assert load_config(LMRunConfig, tmp_path / "tiny/config.yaml").train.steps == 50
+    assert {"train.steps", "log.log_every"} <= set(RESUME_SAFE)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "zero", "delete state"])
+def test_resume_skips_a_broken_newest_checkpoint_for_the_previous_one(tmp_path, capsys, damage):
+    train(tiny(tmp_path, "train.stop_at=20"))
+    newest = ckpt.latest_checkpoint(tmp_path / "tiny")
+    assert newest.name == "step_00000020" and (newest.parent / "step_00000010").is_dir()
+    weights = newest / "model.safetensors"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif damage == "zero":
+        weights.write_bytes(bytes(weights.stat().st_size))
+    else:
+        (newest / "state.pt").unlink()
+    assert main([TINY, f"out_dir={tmp_path}", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming from" in out and "step_00000010 (step 10); skipped" in out and str(newest) in out
+    rows = metrics(tmp_path / "tiny")
+    assert [r["step"] for r in rows] == list(range(5, 41, 5))
+
+
+def test_resume_with_no_checkpoint_that_loads_names_the_file(tmp_path, capsys):
+    train(tiny(tmp_path, "train.stop_at=10"))
+    broken = ckpt.latest_checkpoint(tmp_path / "tiny") / "model.safetensors"
+    broken.write_bytes(b"")
+    assert main([TINY, f"out_dir={tmp_path}", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"{broken} is broken" in err and "start again with --overwrite" in err
+
+
+def test_keeps_the_newest_checkpoints(tmp_path):
+    train(tiny(tmp_path, "log.keep_checkpoints=2"))
+    assert sorted(p.name for p in (tmp_path / "tiny/checkpoints").glob("step_*")) == ["step_00000030", "step_00000040"]
+
+
+def test_an_absurd_model_fails_before_any_work_naming_the_sizes(tmp_path, capsys, monkeypatch):
+    def no_data(*args):
+        raise AssertionError("the corpus was built before the size check")
+
+    monkeypatch.setattr("train.lm.build_corpus", no_data)
+    assert main([TINY, f"out_dir={tmp_path}", "model.d_model=100000", "model.n_head=1"]) == 2
+    err = capsys.readouterr().err
+    assert "parameters need about" in err and "GiB for weights, gradients and AdamW state" in err and "free on" in err
+    with pytest.raises(ModelTooLarge, match="too large to build"):  # too large even to count its bytes
+        train(tiny(tmp_path, "model.d_model=1000000000", "model.n_head=1"))
+    assert not any(tmp_path.iterdir())
+
+
+def test_summary_throughput_is_tokens_over_wall_time_and_train_loss_a_window_mean(tmp_path):
+    every = train(tiny(tmp_path / "a", "train.steps=10", "log.log_every=1", "log.eval_every=10"))
+    fives = train(tiny(tmp_path / "b", "train.steps=10", "log.log_every=5", "log.eval_every=10"))
+    s = json.loads((Path(fives["run_dir"]) / "summary.json").read_text())
+    assert s["tokens"] == 10 * 8 * 32 and s["wall_s"] > 0
+    assert s["tokens_per_s"] == pytest.approx(s["tokens"] / s["wall_s"], rel=1e-3)
+    assert s["tokens_per_s_median_window"] > 0
+    per_step = [r["train_loss"] for r in metrics(every["run_dir"])]
+    means = [r["train_loss"] for r in metrics(fives["run_dir"])]
+    assert means == pytest.approx([sum(per_step[:5]) / 5, sum(per_step[5:]) / 5], abs=2e-5)
+
+
 def test_a_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     train(tiny(tmp_path, "train.stop_at=10"))
     run = tmp_path / "tiny"
@@ -158,10 +242,15 @@ def test_too_little_data_fails_before_writing(tmp_path, capsys):
     assert "split" in capsys.readouterr().err and not out.exists()
 
 
-def test_bpe_run_saves_its_tokenizer_and_resumes_with_it(tmp_path):
+def test_bpe_run_saves_its_tokenizer_and_resumes_with_it(tmp_path, monkeypatch):
     overrides = ["data.tokenizer=bpe", "data.bpe_vocab_size=300", "model.vocab_size=300"]
     train(tiny(tmp_path, "train.stop_at=10", *overrides))
     assert (tmp_path / "tiny/tokenizer.json").exists()
+
+    def retrain(*args):
+        raise AssertionError("a resumed run retrained its tokenizer")
+
+    monkeypatch.setattr(BPETokenizer, "train", retrain)
     assert train(tiny(tmp_path, *overrides), resume=True)["finished"]
 
 

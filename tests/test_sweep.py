@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from train import checkpoint as ckpt
 from train.config import load_config, to_yaml
 from train.lm import LMRunConfig
 from train.sweep import SweepError, check_claims, layer_metric, load_sweep, main, run_state
@@ -161,7 +162,7 @@ def test_sweep_runs_records_a_failure_writes_results_and_skips_finished_runs(tmp
     assert "![val_loss.png](s/val_loss.png)" in page and (tmp_path / "docs" / "s" / "val_loss.png").exists()
 
 
-def test_a_killed_sweep_resumes_its_run_from_the_checkpoint(tmp_path):
+def test_a_sweep_killed_with_kill_9_takes_its_trainer_along_and_resumes_the_run(tmp_path):
     path = sweep_file(tmp_path, "seeds: [0]\nvariants: {dense: {model.ffn: dense}}\n"
                       "set: {train.steps: 300, log.ckpt_every: 10, log.eval_every: 100}\n")
     run_dir = tmp_path / "out" / "s" / "dense-s0"
@@ -170,8 +171,13 @@ def test_a_killed_sweep_resumes_its_run_from_the_checkpoint(tmp_path):
     deadline = time.time() + 120
     while not (run_dir / "checkpoints" / "latest").exists() and time.time() < deadline:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its trainer, mid-run
+    trainer = int((run_dir / ckpt.LOCK_FILE).read_text())  # the process holding the run
+    os.kill(proc.pid, signal.SIGKILL)  # the sweep alone, mid-run
     proc.wait()
+    deadline = time.time() + 30
+    while Path(f"/proc/{trainer}").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{trainer}").exists(), "the trainer outlived its sweep"
     assert (run_dir / "checkpoints" / "latest").exists() and not (run_dir / "DONE").exists()
 
     assert main([str(path)]) == 0
@@ -180,3 +186,30 @@ def test_a_killed_sweep_resumes_its_run_from_the_checkpoint(tmp_path):
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 300  # no step logged twice, none missing at the end
     assert (run_dir / "DONE").exists()
+
+
+def test_a_run_whose_metrics_two_trainers_wrote_never_counts(tmp_path, capsys):
+    path = sweep_file(tmp_path, "seeds: [0]\nvariants: {dense: {model.ffn: dense}}\nset: {train.steps: 10}\n")
+    assert main([str(path)]) == 0
+    run_dir = tmp_path / "out" / "s" / "dense-s0"
+    rows = (run_dir / "metrics.jsonl").read_text()
+    (run_dir / "metrics.jsonl").write_text(rows + rows)  # steps 10, 20, ..., 10, 20, ...: two writers
+    capsys.readouterr()
+    assert main([str(path)]) == 1
+    assert "metrics.jsonl is not one increasing sequence of steps" in capsys.readouterr().err
+    assert json.loads((tmp_path / "out" / "s" / "status.json").read_text())["dense-s0"]["status"] == "failed"
+    assert "| dense | 0/1 |" in (tmp_path / "out" / "s" / "results.md").read_text()
+
+
+def test_sweep_overwrite_deletes_only_a_sweep_directory_made_here(tmp_path, capsys):
+    path = sweep_file(tmp_path, "seeds: [0]\nvariants: {dense: {model.ffn: dense}}\nset: {train.steps: 5}\n")
+    folder = tmp_path / "out" / "s"
+    folder.mkdir(parents=True)
+    (folder / "mine.txt").write_text("the user's")
+    assert main([str(path), "--overwrite"]) == 2
+    assert "not a run directory made by this project" in capsys.readouterr().err
+    assert (folder / "mine.txt").read_text() == "the user's"
+    (folder / "mine.txt").unlink()
+    assert main([str(path)]) == 0
+    assert main([str(path), "--overwrite"]) == 0
+    assert (folder / "dense-s0" / "DONE").exists() and "=== " in (folder / "logs" / "dense-s0.log").read_text()

@@ -30,7 +30,7 @@ class ConfigError(ValueError):
 
 def read_yaml_mapping(path: Path, seen: tuple[Path, ...] = (), kind: str = "config") -> DictConfig:
     """The YAML mapping in `path` (resolved). ConfigError if `path` is already in `seen` (files that
-    name each other in a cycle), missing, not YAML, or not a mapping; `kind` names the file in messages."""
+    name each other in a cycle), missing, not YAML, not a mapping, or empty; `kind` names the file in messages."""
     if path in seen:
         raise ConfigError(f"{kind} files name each other in a cycle: {' -> '.join(map(str, seen + (path,)))}")
     if not path.is_file():
@@ -41,6 +41,9 @@ def read_yaml_mapping(path: Path, seen: tuple[Path, ...] = (), kind: str = "conf
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(layer, DictConfig):
         raise ConfigError(f"{path}: a {kind} file must be a mapping of keys, got {type(layer).__name__}")
+    if not layer:  # an empty file would silently mean "all defaults"
+        raise ConfigError(f"{path}: the {kind} file is empty; give at least one key (a config may start "
+                          "from another with `base: other.yaml`)")
     return layer
 
 

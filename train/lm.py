@@ -1,6 +1,6 @@
 """Train a toy language model: the playground's main job.
 
-    python -m train.lm configs/lm/<name>.yaml [key.sub=value ...] [--resume | --overwrite]
+    python -m train.lm configs/lm/<name>.yaml [key.sub=value ...] [--resume [--allow-changes] | --overwrite]
     torchrun --nproc_per_node 2 -m train.lm configs/lm/<name>.yaml      # DDP over gloo on CPU
 
 Built on accelerate, so the same script runs on CPU, on a GPU, and under
@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -21,17 +22,20 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from models.moe import MoE, MoEConfig
 from models.transformer import Transformer, TransformerConfig
 from models.validate import check
 from train import plots
-from train.checkpoint import (DONE_MARKER, RunDirError, atomic_write_text, check_run_dir, latest_checkpoint,
-                              load_checkpoint, prepare_run_dir, save_checkpoint)
+from train.checkpoint import (DONE_MARKER, CheckpointError, RunDirError, atomic_write_text, check_run_dir, check_run_name,
+                              latest_checkpoint, load_newest_good_checkpoint, prepare_run_dir, run_dir_lock,
+                              save_checkpoint)
 from train.config import ConfigError, load_config, to_yaml
 from train.data import Corpus, DataConfig, build_corpus, sample_windows
 
@@ -75,10 +79,11 @@ class LogConfig:
     eval_every: int = 100
     eval_batches: int = 8           # validation windows: eval_batches global batches at fixed positions
     ckpt_every: int = 200
+    keep_checkpoints: int = 3       # the newest kept; resume falls back to an older one when the newest does not load
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("log_every", "eval_every", "eval_batches", "ckpt_every"):
+        for name in ("log_every", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints"):
             check(getattr(self, name) >= 1, f"log.{name}={getattr(self, name)} must be >= 1")
 
 
@@ -94,7 +99,7 @@ class LMRunConfig:
     log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self) -> None:
-        check(bool(self.run_name) and "/" not in self.run_name, f"run_name={self.run_name!r} must be a non-empty name without '/'")
+        check_run_name(self.run_name)
         check(self.train.seq_len <= self.model.max_seq_len,
               f"train.seq_len={self.train.seq_len} must be <= model.max_seq_len={self.model.max_seq_len}")
         if self.data.tokenizer == "byte":
@@ -108,6 +113,44 @@ class LMRunConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.run_name
+
+
+# Settings a resumed run may give differently: these change nothing a run computes ...
+RESUME_FREE = ("out_dir", "train.stop_at", "train.threads", "log.progress")
+# ... and these change only its length and bookkeeping: allowed with --allow-changes, recorded in CHANGES_FILE
+RESUME_SAFE = ("train.steps", "log.log_every", "log.eval_every", "log.ckpt_every", "log.keep_checkpoints")
+CHANGES_FILE = "config_changes.jsonl"
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def config_changes(old: LMRunConfig, new: LMRunConfig) -> dict[str, tuple[Any, Any]]:
+    """{key.sub: (old value, new value)} for every setting that differs, except those in RESUME_FREE."""
+    a, b = (_flat(OmegaConf.to_container(OmegaConf.structured(c))) for c in (old, new))
+    return {k: (a[k], b[k]) for k in a if a[k] != b[k] and k not in RESUME_FREE}
+
+
+def resume_changes(cfg: LMRunConfig, allow_changes: bool) -> dict[str, tuple[Any, Any]]:
+    """The changes resuming `cfg.run_dir` with `cfg` makes to the run's saved config; RunDirError listing
+    the keys when one is not allowed (with `allow_changes`, those in RESUME_SAFE are)."""
+    try:
+        saved = load_config(LMRunConfig, cfg.run_dir / "config.yaml")
+    except ConfigError as e:
+        raise RunDirError(f"cannot resume {cfg.run_dir}: its config does not load ({e})") from None
+    changes = config_changes(saved, cfg)
+    refused = [k for k in changes if not (allow_changes and k in RESUME_SAFE)]
+    if refused:
+        raise RunDirError(
+            f"cannot resume {cfg.run_dir} with a different config, it would mix two in one run: "
+            + ", ".join(f"{k} {changes[k][0]!r} -> {changes[k][1]!r}" for k in refused)
+            + ". Resume with the run's own settings, start again with --overwrite, or choose another run_name"
+            + f" (with --allow-changes a resume may change {', '.join(RESUME_SAFE)})")
+    return changes
 
 
 # ---- pieces ------------------------------------------------------------------------------
@@ -155,49 +198,111 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+class ModelTooLarge(ValueError):
+    """The model's parameters and optimizer state would not fit in the free memory."""
+
+
+BYTES_PER_PARAM = 16  # fp32 weights, their gradients and AdamW's two moments
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.3g} GiB" if n >= 2**30 else f"{n / 2**20:.3g} MiB"
+
+
+def memory_check(cfg: LMRunConfig, device: torch.device) -> str:
+    """A line estimating parameter and optimizer memory against the free memory of `device`; raises
+    ModelTooLarge, naming the sizes, when it does not fit. Builds the model on the meta device: nothing
+    is allocated. Activations are not counted."""
+    try:
+        with torch.device("meta"):
+            n = build_model(cfg).num_parameters()
+    except RuntimeError as e:  # a single weight too large to even count its bytes
+        raise ModelTooLarge(f"model: too large to build ({e}); make it smaller (model.d_model, model.n_layer, "
+                            "model.ffn_hidden, moe.n_routed_experts)") from None
+    if device.type == "cuda":
+        free, where, procs = torch.cuda.mem_get_info(device)[0], f"GPU {device}", 1
+    else:  # the processes of a CPU run share this machine's memory
+        free, where, procs = psutil.virtual_memory().available, "this machine", int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    need = n * BYTES_PER_PARAM * procs
+    sizes = (f"{n:,} parameters need about {_size(need)} for weights, gradients and AdamW state "
+             f"({BYTES_PER_PARAM} bytes each{f' in each of {procs} processes' if procs > 1 else ''}, activations not counted)")
+    if need > free:
+        raise ModelTooLarge(f"model: {sizes}, more than the {_size(free)} free on {where}; make it smaller "
+                            "(model.d_model, model.n_layer, model.ffn_hidden, moe.n_routed_experts)")
+    return f"memory: {sizes}; {_size(free)} free on {where}"
+
+
 # ---- training --------------------------------------------------------------------------------
 
 
-def train(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
-    """Train per `cfg`; returns a summary (final val loss, tokens/s, run dir, ...)."""
+TRAIN_STATE = ("optimizer", "scheduler", "torch_rng", "data_rng", "step", "expert_load")  # what a checkpoint must hold
+
+
+def train(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = False, allow_changes: bool = False) -> dict[str, Any]:
+    """Train per `cfg`; returns a summary (final val loss, tokens/s, run dir, ...).
+
+    `resume` continues the run from its newest checkpoint that loads, refusing a changed config
+    (`allow_changes`: the changes in RESUME_SAFE pass and are recorded); `overwrite` starts it again.
+    The run directory is locked for the whole run: a second process on it gets RunDirBusy."""
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if cfg.train.precision == "bf16" else "no",
                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
     torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // acc.num_processes))
     run_dir = cfg.run_dir
     # everything that can fail on bad input happens before the run directory is touched
     check_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    changes, resumed = {}, None
+    if resume:
+        changes = resume_changes(cfg, allow_changes)
+        resumed = load_newest_good_checkpoint(run_dir, TRAIN_STATE)
+    memory = memory_check(cfg, acc.device)
     tokenizer_file = run_dir / "tokenizer.json" if resume and cfg.data.tokenizer == "bpe" else None
+    if tokenizer_file is not None and not tokenizer_file.is_file():
+        raise CheckpointError(f"{tokenizer_file} is missing: a resumed BPE run needs the tokenizer it was trained with")
     corpus = build_corpus(cfg.data, tokenizer_file)
     for split, stream in (("training", corpus.train), ("validation", corpus.val)):
         if len(stream.tokens) < cfg.train.seq_len + 2:
             raise ValueError(f"data: the {split} split has {len(stream.tokens)} tokens, fewer than train.seq_len + 2 = "
                              f"{cfg.train.seq_len + 2}; add text, raise data.val_fraction or lower train.seq_len")
-    if acc.is_main_process:
-        prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
-        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
-        if cfg.data.tokenizer == "bpe" and not resume:
-            corpus.tokenizer.save(run_dir / "tokenizer.json")
-    acc.wait_for_everyone()
+    with run_dir_lock(run_dir) if acc.is_main_process else nullcontext():
+        if acc.is_main_process:
+            prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+            atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+            if cfg.data.tokenizer == "bpe" and not resume:
+                corpus.tokenizer.save(run_dir / "tokenizer.json")
+            print(memory, flush=True)
+        acc.wait_for_everyone()
+        return _run(cfg, acc, corpus, resumed, changes)
 
+
+def _run(cfg: LMRunConfig, acc: Accelerator, corpus: Corpus, resumed: tuple | None, changes: dict) -> dict[str, Any]:
+    """The training loop of `train`, once every check has passed and the run directory is ready."""
+    run_dir = cfg.run_dir
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg)
     opt = build_optimizer(model, cfg.train)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg.train))
     data_gen = torch.Generator().manual_seed(cfg.train.seed)  # same draws on every rank; each takes its slice
 
-    step = 0
-    if resume:
-        weights, state = load_checkpoint(latest_checkpoint(run_dir))
+    step, wall_before, (win_loss, win_steps) = 0, 0.0, (0.0, 0)
+    if resumed:
+        path, weights, state, skipped = resumed
         model.load_state_dict(weights)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         data_gen.set_state(state["data_rng"])
         step = int(state["step"])
+        # checkpoints written before wall time and the loss window were kept lack them
+        wall_before, (win_loss, win_steps) = state.get("wall_s", 0.0), state.get("loss_window", (0.0, 0))
         if acc.is_main_process:  # forget what was logged after the checkpoint; it is about to be redone
             kept = [m for m in plots.read_metrics(run_dir / "metrics.jsonl") if m["step"] <= step]
             atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in kept))
             (run_dir / DONE_MARKER).unlink(missing_ok=True)
+            if changes:
+                with (run_dir / CHANGES_FILE).open("a") as f:
+                    f.write(json.dumps({"step": step, "changes": {k: list(v) for k, v in changes.items()}}) + "\n")
+            print(f"resuming from {path} (step {step})" + "".join(f"; skipped {p}" for p in skipped)
+                  + "".join(f"; {k} {a!r} -> {b!r}" for k, (a, b) in changes.items()), flush=True)
 
     model, opt = acc.prepare(model, opt)
     c, log = cfg.train, cfg.log
@@ -207,20 +312,25 @@ def train(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = False) ->
     # the model's per-expert metrics (`layer{i}/tokens_per_expert`) summed since the run began (kept in
     # checkpoints), for the load heatmap
     expert_load: dict[str, torch.Tensor] = {}
-    if resume:
+    if resumed:
         expert_load.update(state["expert_load"])
     last_step = c.stop_at or c.steps
     metrics_file = run_dir / "metrics.jsonl"
     bar = tqdm(total=last_step, initial=step, disable=not (log.progress and acc.is_main_process), desc=cfg.run_name, unit="step")
-    t_window, tok_window, val_loss = time.perf_counter(), 0, None
+    t_start = time.perf_counter()
+    t_window, tok_window, val_loss = t_start, 0, None
+
+    def wall_s() -> float:
+        """Wall time of the training loop over the steps this run kept, every session of it."""
+        return wall_before + time.perf_counter() - t_start
 
     def checkpoint() -> None:
         acc.wait_for_everyone()
         if acc.is_main_process:
             state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
-                     "data_rng": data_gen.get_state(), "step": step,
+                     "data_rng": data_gen.get_state(), "step": step, "wall_s": wall_s(), "loss_window": (win_loss, win_steps),
                      "expert_load": expert_load}
-            save_checkpoint(run_dir, step, acc.unwrap_model(model).state_dict(), state)
+            save_checkpoint(run_dir, step, acc.unwrap_model(model).state_dict(), state, keep=log.keep_checkpoints)
 
     while step < last_step:
         # one flat draw for the global batch, so 1 process x 2b and 2 processes x b see the same windows
@@ -256,13 +366,15 @@ def train(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = False) ->
         acc.unwrap_model(model).after_optimizer_step()
         step += 1
         tok_window += tokens_per_step
+        win_loss, win_steps = win_loss + train_loss, win_steps + 1
         bar.update(1)
 
         if step % log.eval_every == 0 or step == c.steps:
             val_loss = evaluate(model, corpus, cfg, acc)
         if step % log.log_every == 0 or step == last_step or val_loss is not None:
             now = time.perf_counter()
-            row = {"step": step, "tokens": step * tokens_per_step, "train_loss": round(train_loss, 5),
+            # train_loss: the mean over the steps since the last row
+            row = {"step": step, "tokens": step * tokens_per_step, "train_loss": round(win_loss / win_steps, 5),
                    "lr": sched.get_last_lr()[0], "tokens_per_s": round(tok_window / (now - t_window), 1)}
             if val_loss is not None:
                 row["val_loss"] = round(val_loss, 5)
@@ -272,9 +384,10 @@ def train(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = False) ->
                     f.write(json.dumps(row) + "\n")
                 bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                      for k, v in row.items() if "/" not in k))
-            t_window, tok_window, val_loss = now, 0, None
+            t_window, tok_window, val_loss, win_loss, win_steps = now, 0, None, 0.0, 0
         if step % log.ckpt_every == 0 or step == last_step:
             checkpoint()
+    wall = wall_s()
     bar.close()
 
     metrics = plots.read_metrics(metrics_file) if acc.is_main_process else []
@@ -285,7 +398,10 @@ def train(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = False) ->
     if acc.is_main_process:
         vals = [m["val_loss"] for m in metrics if "val_loss" in m]
         speeds = [m["tokens_per_s"] for m in metrics[1:]] or [m["tokens_per_s"] for m in metrics]
-        summary.update(final_val_loss=vals[-1] if vals else None, tokens_per_s=sorted(speeds)[len(speeds) // 2])
+        # tokens_per_s: the whole run's throughput; the median logging window (first left out) is steadier but flatters
+        summary.update(final_val_loss=vals[-1] if vals else None, tokens=step * tokens_per_step, wall_s=round(wall, 6),
+                       tokens_per_s=round(step * tokens_per_step / wall, 1),
+                       tokens_per_s_median_window=statistics.median(speeds))
         plots.loss_curve(metrics, run_dir / "loss.png", cfg.run_name)
         if expert_load:
             rows = [(load / load.sum()).tolist() for load in expert_load.values()]
@@ -303,16 +419,21 @@ def train(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = False) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.lm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m train.lm", description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="YAML config, e.g. configs/lm/deepseekmoe.yaml")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=100 model.n_layer=2")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue runs/<run_name> from its last checkpoint")
     g.add_argument("--overwrite", action="store_true", help="delete an existing runs/<run_name> and start again")
+    p.add_argument("--allow-changes", action="store_true",
+                   help=f"with --resume: allow a changed {', '.join(RESUME_SAFE)}; recorded in <run dir>/{CHANGES_FILE}")
     args = p.parse_intermixed_args(argv)
+    if args.allow_changes and not args.resume:
+        p.error("--allow-changes applies only with --resume")
     try:
         cfg = load_config(LMRunConfig, args.config, args.overrides)
-        summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
+        summary = train(cfg, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes)
     except (ConfigError, RunDirError, NonFiniteLoss, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

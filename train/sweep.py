@@ -16,8 +16,10 @@ A sweep file (YAML):
 
 Each run is its own trainer run directory <out_dir>/<name>/<variant>-s<seed>/, trained by
 `python -m train.lm` in a subprocess, so a crash stays in its run and `--jobs N` runs N at
-once, each with cores/N threads. Re-running the command skips finished runs (DONE marker),
-resumes killed ones from their last checkpoint and retries failed ones. Every run's config
+once, each with cores/N threads. Re-running the command skips finished runs (DONE marker and
+metrics that are one increasing sequence of steps), resumes killed ones from their last checkpoint
+and retries failed ones. The sweep directory is locked while a sweep runs in it, and on Linux the
+trainers die with the sweep however it ends. Every run's config
 is validated before the first one starts. When the runs are done the sweep directory gets
 results.csv, results.md and PNG plots (see `collect`).
 """
@@ -26,26 +28,29 @@ from __future__ import annotations
 
 import argparse
 import csv
+import ctypes
 import itertools
 import json
 import math
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from train import plots
-from train.checkpoint import DONE_MARKER, atomic_write_text, latest_checkpoint
+from train.checkpoint import (DONE_MARKER, RunDirError, atomic_write_text, check_run_name, clear_run_dir, latest_checkpoint,
+                              mark_run_dir, run_dir_lock)
 from train.config import ConfigError, load_config, read_yaml_mapping
-from train.lm import LMRunConfig
+from train.lm import LMRunConfig, config_changes
 
 SWEEP_KEYS = {
     "name": "sweep name (default: the file name)",
@@ -64,7 +69,6 @@ SWEEP_KEYS = {
 }
 METRICS = ("val_loss", "max_vio", "drop_fraction", "tokens_per_s")  # names `expect` may use
 TAIL = 0.2  # layer metrics are averaged over the logged steps of the last 20% of training
-IGNORED_IN_COMPARISON = ("train.threads", "train.stop_at", "log.progress")  # may differ when resuming
 
 
 class SweepError(ConfigError):
@@ -187,7 +191,12 @@ def load_sweep(path: str | Path) -> Sweep:
     expect = raw.get("expect") or []
     for claim in expect:
         _parse_claim(claim, variants, path)
-    sweep = Sweep(name=str(raw.get("name") or path.stem), path=path, config=Path(raw["config"]),
+    name = str(raw.get("name") or path.stem)
+    try:
+        check_run_name(name, "name")
+    except ValueError as e:
+        raise SweepError(f"{path}: {e}") from None
+    sweep = Sweep(name=name, path=path, config=Path(raw["config"]),
                   out_dir=Path(raw.get("out_dir", "runs/sweeps")), variants=variants,
                   common=_mapping(raw.get("set") or {}, "set", path), seeds=seeds, jobs=jobs,
                   analyze=bool(raw.get("analyze", False)), description=str(raw.get("description", "")).strip(),
@@ -215,31 +224,55 @@ def _parse_claim(claim: Any, variants: dict[str, Any], path: Path) -> tuple[str,
 # ---- running --------------------------------------------------------------------------------
 
 
+def finished(run_dir: Path) -> bool:
+    """The run finished (DONE marker) and its metrics are one increasing sequence of steps, as one
+    trainer writes them: a run that two trainers wrote at once never counts."""
+    try:
+        steps = [m["step"] for m in plots.read_metrics(run_dir / "metrics.jsonl")]
+    except (ValueError, KeyError):  # a line torn by two writers
+        return False
+    return (run_dir / DONE_MARKER).exists() and bool(steps) and all(a < b for a, b in zip(steps, steps[1:]))
+
+
 def run_state(run: Run, sweep: Sweep) -> str:
-    """'done', 'resume' (has a checkpoint), 'restart' (started, no checkpoint) or 'new'.
+    """'done', 'broken' (finished, metrics not one sequence of steps), 'resume' (has a checkpoint),
+    'restart' (started, no checkpoint) or 'new'.
 
     A run directory left by a different config is refused rather than silently reused.
     """
     cfg_file = run.run_dir / "config.yaml"
     if cfg_file.exists():
-        def comparable(c: LMRunConfig) -> dict:
-            d = OmegaConf.to_container(OmegaConf.structured(c))
-            for key in IGNORED_IN_COMPARISON:
-                section, leaf = key.split(".")
-                d[section].pop(leaf)
-            return d
         try:
-            old = load_config(LMRunConfig, cfg_file)
+            changed = config_changes(load_config(LMRunConfig, cfg_file), load_config(LMRunConfig, sweep.config, run.overrides))
         except ConfigError:
-            old = None
-        if old is None or comparable(old) != comparable(load_config(LMRunConfig, sweep.config, run.overrides)):
-            raise SweepError(f"{run.run_dir} was trained with a different config than {sweep.path} now gives; "
-                             "pass --overwrite to start the sweep again, or give the sweep another name")
+            changed = {"config.yaml": "does not load"}
+        if changed:
+            raise SweepError(f"{run.run_dir} was trained with a different config than {sweep.path} now gives "
+                             f"({', '.join(changed)}); pass --overwrite to start the sweep again, or give the sweep another name")
     if (run.run_dir / DONE_MARKER).exists():
-        return "done"
+        return "done" if finished(run.run_dir) else "broken"
     if latest_checkpoint(run.run_dir) is not None:
         return "resume"
     return "restart" if run.run_dir.exists() else "new"
+
+
+BROKEN = ("finished, but its metrics.jsonl is not one increasing sequence of steps (two trainers wrote it at once?), "
+          "so it does not count; move its run directory away to run it again")
+
+
+def _die_with_sweep() -> Callable[[], None] | None:
+    """Popen's preexec_fn on Linux: the trainer gets SIGTERM when the sweep dies, even by kill -9, so no
+    trainer outlives its sweep. (Elsewhere the run directory's lock still keeps a re-run off a live trainer.)"""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork; the child only calls it
+    parent, pr_set_pdeathsig = os.getpid(), 1
+
+    def arm() -> None:
+        prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+        if os.getppid() != parent:  # the sweep died before the signal was armed
+            os.kill(os.getpid(), signal.SIGTERM)
+    return arm
 
 
 def _command(run: Run, sweep: Sweep, state: str, threads: int) -> list[str]:
@@ -265,12 +298,16 @@ def execute(sweep: Sweep, jobs: int, threads_total: int | None = None) -> dict[s
     sweep.dir.mkdir(parents=True, exist_ok=True)
     (sweep.dir / "logs").mkdir(exist_ok=True)
     status_file = sweep.dir / "status.json"
-    status = {r.name: {"variant": r.variant, "seed": r.seed, "status": "done" if states[r.name] == "done" else "pending"}
+    status = {r.name: {"variant": r.variant, "seed": r.seed, "status": {"done": "done", "broken": "failed"}.get(states[r.name], "pending")}
               for r in runs}
-    todo = [r for r in runs if states[r.name] != "done"]
+    for r in runs:
+        if states[r.name] == "broken":
+            status[r.name]["error"] = BROKEN
+            print(f"FAILED {r.name}: {BROKEN}", file=sys.stderr)
+    todo = [r for r in runs if status[r.name]["status"] == "pending"]
     threads = max(1, (threads_total or os.cpu_count() or 1) // jobs)
     print(f"sweep {sweep.name}: {len(runs)} runs ({len(sweep.variants)} variants x {len(sweep.seeds)} seeds), "
-          f"{len(runs) - len(todo)} already done, {len(todo)} to run, {jobs} at a time with {threads} thread(s) each; "
+          f"{sum(st == 'done' for st in states.values())} already done, {len(todo)} to run, {jobs} at a time with {threads} thread(s) each; "
           f"directory {sweep.dir}", flush=True)
     atomic_write_text(status_file, json.dumps(status, indent=1))
 
@@ -286,7 +323,7 @@ def execute(sweep: Sweep, jobs: int, threads_total: int | None = None) -> dict[s
         return (f"[{_clock(time.perf_counter() - t0)}] {len(durations)}/{len(todo)} ended; running: "
                 f"{', '.join(running) or '-'}; time left ~{_clock(eta) if eta is not None else '?'}")
 
-    queue = list(todo)
+    queue, die_with_sweep = list(todo), _die_with_sweep()
     while queue or running:
         while queue and len(running) < jobs:
             r = queue.pop(0)
@@ -294,7 +331,8 @@ def execute(sweep: Sweep, jobs: int, threads_total: int | None = None) -> dict[s
             log = (sweep.dir / "logs" / f"{r.name}.log").open("a")
             log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {state}: {' '.join(_command(r, sweep, state, threads))}\n")
             log.flush()
-            proc = subprocess.Popen(_command(r, sweep, state, threads), stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(_command(r, sweep, state, threads), stdout=log, stderr=subprocess.STDOUT,
+                                    preexec_fn=die_with_sweep)
             running[r.name] = (proc, time.perf_counter(), log)
             status[r.name].update(status="running", action=state)
             bar.write(f"start {r.name} ({state})")
@@ -306,11 +344,11 @@ def execute(sweep: Sweep, jobs: int, threads_total: int | None = None) -> dict[s
             took = time.perf_counter() - start
             durations.append(took)
             summary = _summary(sweep.dir / name)
-            if proc.returncode == 0 and summary.get("finished"):
+            if proc.returncode == 0 and summary.get("finished") and finished(sweep.dir / name):
                 status[name].update(status="done", seconds=round(took, 1))
                 bar.write(f"done  {name} in {took:.0f}s: val loss {summary.get('final_val_loss')}")
             else:
-                err = _error_of(sweep.dir / "logs" / f"{name}.log")
+                err = _error_of(sweep.dir / "logs" / f"{name}.log") if proc.returncode else BROKEN
                 status[name].update(status="failed", seconds=round(took, 1), returncode=proc.returncode, error=err)
                 bar.write(f"FAILED {name} (exit {proc.returncode}): {err}")
             atomic_write_text(status_file, json.dumps(status, indent=1))
@@ -363,7 +401,7 @@ def collect(sweep: Sweep) -> list[dict]:
     status = json.loads((sweep.dir / "status.json").read_text()) if (sweep.dir / "status.json").exists() else {}
     for variant in sweep.variants:
         runs = [r for r in sweep.runs() if r.variant == variant]
-        done = [r for r in runs if (r.run_dir / DONE_MARKER).exists()]
+        done = [r for r in runs if finished(r.run_dir)]
         summaries = [_summary(r.run_dir) for r in done]
         metrics = [plots.read_metrics(r.run_dir / "metrics.jsonl") for r in done]
         row: dict[str, Any] = {"variant": variant, "seeds_done": len(done), "seeds": len(runs),
@@ -393,7 +431,7 @@ def _val_curves(sweep: Sweep) -> dict[str, tuple[list[int], list[float], list[fl
     for variant in sweep.variants:
         per_seed = []
         for r in sweep.runs():
-            if r.variant == variant and (r.run_dir / DONE_MARKER).exists():
+            if r.variant == variant and finished(r.run_dir):
                 per_seed.append({m["step"]: m["val_loss"] for m in plots.read_metrics(r.run_dir / "metrics.jsonl")
                                  if "val_loss" in m})
         if per_seed:
@@ -450,7 +488,7 @@ def write_results(sweep: Sweep, report: Path | None = None) -> list[dict]:
         images.append(("Final validation loss (error bar: std over seeds)", "final_val_loss.png"))
     for r in rows:  # the training-time expert load of each MoE variant's first finished seed
         src = next((run.run_dir / "expert_load.png" for run in sweep.runs() if run.variant == r["variant"]
-                    and (run.run_dir / DONE_MARKER).exists() and (run.run_dir / "expert_load.png").exists()), None)
+                    and finished(run.run_dir) and (run.run_dir / "expert_load.png").exists()), None)
         if src:
             shutil.copyfile(src, d / f"expert_load_{r['variant']}.png")
             images.append((f"Expert load, {r['variant']} ({src.parent.name}): share of routed tokens per expert over training",
@@ -473,8 +511,8 @@ def write_results(sweep: Sweep, report: Path | None = None) -> list[dict]:
     md += ["", "Mean ± standard deviation over seeds. Val loss: final validation loss (nats/token). MaxVio "
            "((max expert load − mean load) / mean load, per batch) and drop fraction (share of token-expert "
            f"assignments dropped by capacity) are averaged over MoE layers and the logged steps of the last "
-           f"{TAIL:.0%} of training; – where the variant has no MoE layer. Tokens/s is the median training "
-           "throughput of each run on a shared 2-core CPU, so it is noisy.", ""]
+           f"{TAIL:.0%} of training; – where the variant has no MoE layer. Tokens/s is each run's training tokens over "
+           "its training wall time, on a shared 2-core CPU, so it is noisy.", ""]
     md += ["Final validation loss of each seed:", "", f"| variant | {' | '.join(f'seed {s}' for s in sweep.seeds)} |",
            f"|---|{'---|' * len(sweep.seeds)}",
            *(f"| {r['variant']} | " + " | ".join(f"{r['val_loss_per_seed'][s]:.4f}" if s in r["val_loss_per_seed"] else "–"
@@ -513,7 +551,7 @@ def _specialization(sweep: Sweep) -> list[tuple[str, str, str]]:
 
     out = []
     for variant in sweep.variants:
-        run = next((r for r in sweep.runs() if r.variant == variant and (r.run_dir / DONE_MARKER).exists()), None)
+        run = next((r for r in sweep.runs() if r.variant == variant and finished(r.run_dir)), None)
         if run is None or load_config(LMRunConfig, run.run_dir / "config.yaml").model.ffn != "moe":
             continue
         result = analyze(run.run_dir)
@@ -542,26 +580,28 @@ def _count(n: int | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.sweep", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m train.sweep", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep", help="sweep file, e.g. configs/ablations/deepseekmoe.yaml")
     p.add_argument("--jobs", type=int, default=None, help="runs at once, each a process with cores/jobs threads")
     p.add_argument("--threads", type=int, default=None, help="threads to split between the jobs (default: all cores)")
     p.add_argument("--report", type=Path, default=None, help="also write the results page here, images beside it")
     p.add_argument("--collect", action="store_true", help="only (re)write tables and plots from the runs there are")
-    p.add_argument("--overwrite", action="store_true", help="delete the sweep directory and run everything again")
+    p.add_argument("--overwrite", action="store_true", help="delete the sweep directory's runs and results and run everything again")
     args = p.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # progress lines reach a log file as they happen
     try:
         if args.jobs is not None and args.jobs < 1:
             raise SweepError(f"--jobs={args.jobs} must be >= 1")
         sweep = load_sweep(args.sweep)
-        if args.overwrite and sweep.dir.exists():
-            shutil.rmtree(sweep.dir)
-        if not args.collect:
-            status = execute(sweep, args.jobs or sweep.jobs, args.threads)
-        rows = write_results(sweep, args.report)
-    except ConfigError as e:  # SweepError included
+        with run_dir_lock(sweep.dir):  # one sweep process per sweep directory; RunDirBusy for a second
+            if args.overwrite:
+                clear_run_dir(sweep.dir)
+            mark_run_dir(sweep.dir)
+            if not args.collect:
+                status = execute(sweep, args.jobs or sweep.jobs, args.threads)
+            rows = write_results(sweep, args.report)
+    except (ConfigError, RunDirError) as e:  # SweepError included
         print(f"error: {e}", file=sys.stderr)
         return 2
     print((sweep.dir / "results.md").read_text())
