@@ -94,11 +94,12 @@ def atomic_write_text(path: Path, text: str) -> None:
 _held: dict[Path, int] = {}  # resolved run directory -> fd of the lock this process holds on it
 
 
-def _lock(run_dir: Path, flags: int) -> int:
-    """An fd holding the lock of `run_dir` (its lock file opened with `flags`); RunDirBusy if another process holds it."""
+def _lock(run_dir: Path, flags: int, kind: int) -> int:
+    """An fd holding a lock of `kind` (fcntl.LOCK_EX or LOCK_SH) on `run_dir`'s lock file, opened with `flags`;
+    RunDirBusy if another process holds the exclusive lock."""
     fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | flags, _file_mode())
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, kind | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.read(fd, 32).decode(errors="replace").strip()
         os.close(fd)
@@ -120,7 +121,7 @@ def run_dir_lock(run_dir: Path) -> Iterator[Path]:
         yield run_dir
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    fd = _lock(run_dir, os.O_CREAT)
+    fd = _lock(run_dir, os.O_CREAT, fcntl.LOCK_EX)
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     _held[key] = fd
@@ -150,7 +151,7 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"{run_dir} is a file, not a run directory; choose another run_name")
     if (run_dir / LOCK_FILE).is_file() and run_dir.resolve() not in _held:  # in use: say so before any work
-        os.close(_lock(run_dir, 0))
+        os.close(_lock(run_dir, 0, fcntl.LOCK_SH))  # shared: checks by the ranks of one run do not collide
     if resume:
         if not checkpoint_candidates(run_dir):
             raise RunDirError(f"cannot resume {run_dir}: it has no checkpoint")

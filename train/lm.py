@@ -263,6 +263,7 @@ def train(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = False, al
         if len(stream.tokens) < cfg.train.seq_len + 2:
             raise ValueError(f"data: the {split} split has {len(stream.tokens)} tokens, fewer than train.seq_len + 2 = "
                              f"{cfg.train.seq_len + 2}; add text, raise data.val_fraction or lower train.seq_len")
+    acc.wait_for_everyone()  # every rank has checked the run directory before the main process locks it
     with run_dir_lock(run_dir) if acc.is_main_process else nullcontext():
         if acc.is_main_process:
             prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
