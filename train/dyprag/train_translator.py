@@ -49,16 +49,18 @@ def pool_batches(docs: list[Doc], batch: int, seed: int) -> Iterator[list[int]]:
         order = order[batch:]
 
 
-def qa_rows(docs: list[Doc], p_passage: float, rng: random.Random) -> tuple[list[tuple[str, str]], list[int]]:
-    """(prompt, target) for every augmentation question of `docs`, and the document of each row;
-    a share p_passage of the prompts carry the document's passage."""
-    pairs, doc_of_row = [], []
+def qa_rows(docs: list[Doc], p_passage: float, rng: random.Random) -> list[tuple[list[tuple[str, str]], list[int], float]]:
+    """Every augmentation question of `docs` as (prompt, target) pairs, split into a closed-book
+    group and a group whose prompts carry the document's passage (each question with
+    probability p_passage): [(pairs, document of each pair, share of all pairs)], empty groups left out."""
+    groups: dict[bool, tuple[list, list]] = {False: ([], []), True: ([], [])}
     for i, d in enumerate(docs):
         for q in d.qa:
-            passage = d.passage if rng.random() < p_passage else None
-            pairs.append((qa_prompt(q.question, passage), qa_target(q.answer)))
-            doc_of_row.append(i)
-    return pairs, doc_of_row
+            with_passage = rng.random() < p_passage
+            groups[with_passage][0].append((qa_prompt(q.question, d.passage if with_passage else None), qa_target(q.answer)))
+            groups[with_passage][1].append(i)
+    total = sum(len(pairs) for pairs, _ in groups.values())
+    return [(pairs, rows, len(pairs) / total) for pairs, rows in groups.values() if pairs]
 
 
 def rows_of(loras: Loras, rows: torch.Tensor) -> Loras:
@@ -100,11 +102,15 @@ def train_translator(
         seen += len(docs)
         h_NSC, mask_NS = document_states(model, tokenizer, [d.passage for d in docs], layers)
         generated = translator(h_NSC, mask_NS)
-        pairs, doc_of_row = qa_rows(docs, t.p_passage, rng)
-        rows = torch.tensor(doc_of_row)
-        targets_rows = rows_of(pool_loras, torch.tensor(idx)[rows]) if t.distills else None
-        loss, parts = translator_loss(model, rows_of(generated, rows), encode_pairs(tokenizer, pairs, cfg.model.max_len), cfg.lora.scaling,
-                                      targets_rows, t.lambda_kl, t.lambda_mse)
+        loss, parts = 0.0, {}
+        # closed-book and passage rows are batched apart: padded together, every row would be passage-long
+        for pairs, doc_of_row, share in qa_rows(docs, t.p_passage, rng):
+            rows = torch.tensor(doc_of_row)
+            targets_rows = rows_of(pool_loras, torch.tensor(idx)[rows]) if t.distills else None
+            part_loss, part = translator_loss(model, rows_of(generated, rows), encode_pairs(tokenizer, pairs, cfg.model.max_len), cfg.lora.scaling,
+                                              targets_rows, t.lambda_kl, t.lambda_mse)
+            loss = loss + share * part_loss
+            parts = {k: parts.get(k, 0.0) + share * v for k, v in part.items()}
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(translator.parameters(), 1.0).item()
