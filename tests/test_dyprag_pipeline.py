@@ -330,3 +330,65 @@ def test_prag_augmented_files_become_documents(tmp_path, capsys):
                         "data.train_file=tests/fixtures/prag/hotpotqa", "data.test_file=tests/fixtures/prag/hotpotqa"])
     assert "no augmentation QA" in err
     assert not (tmp_path / "runs").exists()
+
+
+# -----------------------------------------------------------------------------
+# learning: the generated LoRA must carry the document
+
+
+def test_cross_attention_translator_learns_a_fact_from_the_document():
+    """Micro-config: documents "P<id> keeps a cat named <one of 8 names> ." and the question about
+    the cat; a random tiny Llama (word-level tokens) and 100 steps on fresh documents. The answer
+    comes out under each held-out document's own LoRA, at chance (1/8) under another document's."""
+    import random
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from models.lora import find_lora_targets
+    from train.config import load_config
+    from train.dyprag.base import build_tiny_llama, encode_pairs
+    from train.dyprag.config import DyPragConfig
+    from train.dyprag.data import BOS, EOS, PAD, QA, Doc, qa_prompt, qa_target
+    from train.dyprag.train_translator import rows_of, train_translator
+
+    cats = ["Zub", "Mira", "Tosk", "Bela", "Quon", "Rill", "Dax", "Omo"]
+
+    def docs(seed):
+        rng = random.Random(seed)
+        while True:
+            name, cat = f"P{rng.randrange(10**6)}", rng.choice(cats)
+            yield Doc(passage=f"{name} keeps a cat named {cat} .", qa=[QA(f"What is the name of {name} cat ?", cat, kind="pet")])
+
+    words = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    words.train_from_iterator(["keeps a cat named . What is the name of cat ? Question: Answer: " + " ".join(cats)],
+                              trainers.WordLevelTrainer(special_tokens=[PAD, BOS, EOS, "<unk>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=words, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token="<unk>")
+    torch.manual_seed(0)
+    model = build_tiny_llama(tok, 32, 2, 2, 64, 64).eval().requires_grad_(False)
+    cfg = load_config(DyPragConfig, None, ["train.steps=100", "train.docs_per_step=16", "train.p_passage=0", "train.warmup=5",
+                                           "translator.hidden=32", "lora.rank=4"])
+    targets = find_lora_targets(model, cfg.lora.target_modules)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        translator, info = train_translator(model, tok, cfg, cfg.translator, targets, stream=docs(1), seed=0, log=lambda r: None)
+    finally:
+        torch.set_num_threads(before)
+    assert info["documents_seen"] == 100 * 16 and info["distinct_documents"] == 1600
+    test = [d for d, _ in zip(docs(2), range(64))]
+    with torch.no_grad():
+        loras = translator(*document_states(model, tok, [d.passage for d in test], [0, 1, 2]))
+        batch = encode_pairs(tok, [(qa_prompt(d.qa[0].question), qa_target(d.qa[0].answer)) for d in test], 64)
+        labels = batch["labels"][:, 1:]
+        first = (labels != -100).float().argmax(1)  # the cat's name: the first answer token
+        rows = torch.arange(64)
+
+        def accuracy(perm):
+            with factored_lora(model, rows_of(loras, torch.tensor(perm)), cfg.lora.scaling):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            return (logits.argmax(-1)[rows, first] == labels[rows, first]).float().mean().item()
+
+        own, shuffled = accuracy(list(range(64))), accuracy(derangement(64, 0))
+    assert own >= 0.8 and shuffled <= 0.4, (own, shuffled)

@@ -42,11 +42,15 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
 
 
 def encode_pairs(tokenizer, pairs: list[tuple[str, str]], max_len: int, padding_side: str = "right") -> dict:
-    """Right-padded (or left-padded) batch; labels are -100 except on target tokens."""
+    """Right-padded (or left-padded) batch; labels are -100 except on target tokens.
+
+    The corpus marks ends of text with data.EOS; each tokenizer gets its own end-of-text
+    token there, so a pretrained model learns to stop where it already knows how to."""
     rows = []
+    eos = tokenizer.eos_token
     for prompt, target in pairs:
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
-        t = tokenizer(target, add_special_tokens=False)["input_ids"]
+        p = tokenizer(prompt.replace(EOS, eos), add_special_tokens=False)["input_ids"] if prompt else []
+        t = tokenizer(target.replace(EOS, eos), add_special_tokens=False)["input_ids"]
         ids = (p + t)[-max_len:]  # keep the answer if too long: cut the front of the passage
         labels = ([-100] * len(p) + t)[-max_len:]
         rows.append((ids, labels))

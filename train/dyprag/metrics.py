@@ -60,27 +60,21 @@ def _rows(loras: Loras, idx: torch.Tensor) -> Loras:
 def answer(model, tokenizer, prompts: list[str], loras: Loras | None, scaling: float, *, max_new_tokens: int, batch_size: int, max_len: int, desc: str = "") -> list[str]:
     """Greedy answers (stop at EOS or a newline). `loras`: per-prompt [P, ...], shared, or None.
 
-    Left padding with explicit position ids, no KV cache: the prompts are short and
-    this keeps per-sample LoRAs trivially aligned with batch rows.
+    Left-padded batches through `generate` with its KV cache: the LoRA hooks add each
+    row's own delta at every decoding step, whatever the number of positions.
     """
-    eos, out = tokenizer.eos_token_id, []
+    out = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
         chunk = prompts[start : start + batch_size]
         batch = encode_pairs(tokenizer, [(p, "") for p in chunk], max_len, padding_side="left")
-        ids_NS, mask_NS = batch["input_ids"], batch["attention_mask"]
         rows = _rows(loras, torch.arange(start, start + len(chunk))) if loras else {}
-        new_NT = torch.empty(len(chunk), 0, dtype=torch.long)
         with factored_lora(model, rows, scaling):
-            for _ in range(max_new_tokens):
-                pos_NS = (mask_NS.cumsum(-1) - 1).clamp_min(0)
-                next_N = model(input_ids=ids_NS, attention_mask=mask_NS, position_ids=pos_NS).logits[:, -1].argmax(-1)
-                new_NT = torch.cat([new_NT, next_N[:, None]], 1)
-                ids_NS = torch.cat([ids_NS, next_N[:, None]], 1)
-                mask_NS = torch.cat([mask_NS, torch.ones_like(next_N[:, None])], 1)
-                if (new_NT == eos).any(1).all():
-                    break
-        for row in new_NT.tolist():
-            row = row[: row.index(eos)] if eos in row else row
+            ids_NT = model.generate(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=max_new_tokens, do_sample=False,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            )[:, batch["input_ids"].shape[1] :]
+        for row in ids_NT.tolist():
+            row = row[: row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row
             out.append(tokenizer.decode(row, skip_special_tokens=True).split("\n")[0].strip())
     return out
 
