@@ -103,6 +103,7 @@ class TrainConfig:
 
     steps: int = 600
     docs_per_step: int = 32
+    questions_per_doc: int = 0  # augmentation questions scored per document and step (a random few); 0 = all
     lr: float = 1e-3
     warmup: int = 30  # linear warmup steps, then cosine decay to 0
     # Share of QA rows that also see the passage in the prompt: a LoRA trained only
@@ -116,6 +117,7 @@ class TrainConfig:
 
     def __post_init__(self):
         check(self.steps >= 1 and self.docs_per_step >= 1, "train.steps and train.docs_per_step must be >= 1")
+        check(self.questions_per_doc >= 0, f"train.questions_per_doc={self.questions_per_doc} must be >= 0 (0 = all)")
         check(self.lr > 0 and self.warmup >= 0, "train.lr must be > 0 and train.warmup >= 0")
         check(0 <= self.p_passage <= 1, f"train.p_passage={self.p_passage} must be in [0, 1]")
         check(self.lambda_kl >= 0 and self.lambda_mse >= 0, "train.lambda_kl and train.lambda_mse must be >= 0")
@@ -130,9 +132,11 @@ class TrainConfig:
 class EvalConfig:
     max_new_tokens: int = 8  # answers are short
     batch_size: int = 64
+    seen_docs: int = 40  # training documents scored in the "seen" rows (PRAG and DyPRAG on documents they trained on)
 
     def __post_init__(self):
         check(self.max_new_tokens >= 1 and self.batch_size >= 1, "eval.max_new_tokens and eval.batch_size must be >= 1")
+        check(self.seen_docs >= 2, f"eval.seen_docs={self.seen_docs} must be >= 2")
 
 
 @dataclass

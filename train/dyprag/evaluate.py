@@ -10,6 +10,9 @@ Rows (EM / F1 on the documents' evaluation questions, and EM per fact type):
   Shuffled doc     closed-book, the LoRA generated from another document    (per design)
   Mean LoRA        closed-book, the exact mean of the LoRAs the translator  (per design)
                    generates for training documents: what it does for any document
+  Standard RAG + mean LoRA   passage in the prompt + that mean LoRA: the answer (per design)
+                   format a LoRA teaches, with no document's facts (fair to RAG on a
+                   pretrained model whose own answers are long)
 on two splits: "test" (held-out entities, training templates) and "ood" (held-out
 entities whose sentence style, question wordings and attribute values never appear
 in training). "seen" rows run PRAG and DyPRAG on training documents. Cosine
@@ -56,9 +59,8 @@ def evaluate_run(run) -> dict:
     targets = find_lora_targets(model, cfg.lora.target_modules, cfg.lora.layers)
     gen = dict(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, max_len=cfg.model.max_len)
     train_docs = run.training_docs()
-    n_test = len(run.docs("test"))
-    seen_docs = train_docs if isinstance(train_docs, list) else list(islice(train_docs, n_test + MEAN_LORA_DOCS))
-    splits = {"test": run.docs("test"), "seen": seen_docs[:n_test]}
+    seen_docs = list(islice(train_docs, cfg.eval.seen_docs + MEAN_LORA_DOCS))
+    splits = {"test": run.docs("test"), "seen": seen_docs[: cfg.eval.seen_docs]}
     if run.has_split("ood"):
         splits["ood"] = run.docs("ood")
     prag = {s: load_loras(run.root / "prag" / f"{s}.safetensors") for s in ("test", "seen", "ood") if (run.root / "prag" / f"{s}.safetensors").is_file()}
@@ -124,6 +126,8 @@ def evaluate_run(run) -> dict:
                 "DyPRAG-Combine": score(s, True, gen_loras[s]),
                 "Shuffled doc (control)": score(s, False, {n: (A[perm], B[perm]) for n, (A, B) in gen_loras[s].items()}),
                 "Mean LoRA (control)": score(s, False, shared=mean_control),
+                # the answer format a LoRA teaches, without any document's facts, beside the passage
+                "Standard RAG + mean LoRA (control)": score(s, True, shared=mean_control),
             }
         d_rows["test"]["DyPRAG (training docs)"] = score("seen", False, gen_loras["seen"])
         g_DP = delta_matrix(gen_loras["test"])

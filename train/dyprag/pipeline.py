@@ -173,7 +173,7 @@ def stage_base(run: Run) -> dict:
         return {"base_model": c.path, "pretrained_here": False}
     known = [Entity(**e) for e in json.loads((run.root / "data" / "known_entities.json").read_text())]
     train_docs = run.training_docs()
-    fit_docs = train_docs[:TOKENIZER_DOCS] if isinstance(train_docs, list) else list(islice(train_docs, TOKENIZER_DOCS))
+    fit_docs = list(islice(train_docs, TOKENIZER_DOCS))
     tokenizer = train_tokenizer(tokenizer_corpus(4000, run.seed, fit_docs), c.vocab_size)
     torch.manual_seed(run.seed)
     model = build_tiny_llama(tokenizer, c.hidden, c.layers, c.heads, c.intermediate, c.max_len)
@@ -193,9 +193,8 @@ def stage_prag(run: Run) -> dict:
     cfg = run.cfg
     model, tokenizer = load_base(run.base_dir)
     train_docs = run.training_docs()
-    n_seen = len(run.docs("test"))
     splits = {s: run.docs(s) for s in ("test", "ood") if run.has_split(s)}
-    splits["seen"] = train_docs[:n_seen] if isinstance(train_docs, list) else list(islice(train_docs, n_seen))
+    splits["seen"] = list(islice(train_docs, cfg.eval.seen_docs))
     if cfg.train.distills:
         splits["train"] = train_docs
     info = {}

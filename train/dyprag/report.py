@@ -21,7 +21,7 @@ from train.checkpoint import atomic_write_text  # noqa: E402
 from train.plots import read_metrics  # noqa: E402
 
 BASELINE_ROWS = ["Vanilla", "Standard RAG", "PRAG", "PRAG-Combine"]
-DESIGN_ROWS = ["DyPRAG", "DyPRAG-Combine", "Shuffled doc (control)", "Mean LoRA (control)"]
+DESIGN_ROWS = ["DyPRAG", "DyPRAG-Combine", "Shuffled doc (control)", "Mean LoRA (control)", "Standard RAG + mean LoRA (control)"]
 SEEN_ROWS = {"PRAG (training docs)": None, "DyPRAG (training docs)": "design"}
 
 

@@ -49,13 +49,13 @@ def pool_batches(docs: list[Doc], batch: int, seed: int) -> Iterator[list[int]]:
         order = order[batch:]
 
 
-def qa_rows(docs: list[Doc], p_passage: float, rng: random.Random) -> list[tuple[list[tuple[str, str]], list[int], float]]:
-    """Every augmentation question of `docs` as (prompt, target) pairs, split into a closed-book
+def qa_rows(docs: list[Doc], p_passage: float, per_doc: int, rng: random.Random) -> list[tuple[list[tuple[str, str]], list[int], float]]:
+    """The augmentation questions of `docs` (`per_doc` random ones each, 0 = all) as (prompt, target) pairs, split into a closed-book
     group and a group whose prompts carry the document's passage (each question with
     probability p_passage): [(pairs, document of each pair, share of all pairs)], empty groups left out."""
     groups: dict[bool, tuple[list, list]] = {False: ([], []), True: ([], [])}
     for i, d in enumerate(docs):
-        for q in d.qa:
+        for q in rng.sample(d.qa, min(per_doc, len(d.qa))) if per_doc else d.qa:
             with_passage = rng.random() < p_passage
             groups[with_passage][0].append((qa_prompt(q.question, d.passage if with_passage else None), qa_target(q.answer)))
             groups[with_passage][1].append(i)
@@ -104,7 +104,7 @@ def train_translator(
         generated = translator(h_NSC, mask_NS)
         loss, parts = 0.0, {}
         # closed-book and passage rows are batched apart: padded together, every row would be passage-long
-        for pairs, doc_of_row, share in qa_rows(docs, t.p_passage, rng):
+        for pairs, doc_of_row, share in qa_rows(docs, t.p_passage, t.questions_per_doc, rng):
             rows = torch.tensor(doc_of_row)
             targets_rows = rows_of(pool_loras, torch.tensor(idx)[rows]) if t.distills else None
             part_loss, part = translator_loss(model, rows_of(generated, rows), encode_pairs(tokenizer, pairs, cfg.model.max_len), cfg.lora.scaling,
