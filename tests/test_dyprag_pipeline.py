@@ -79,7 +79,7 @@ def test_resume_skips_finished_stages(smoke, capsys):
 
 def test_tables_have_all_rows(smoke):
     text = (smoke["root"] / "results.md").read_text()
-    for split in ("test", "ood"):
+    for split in ("test", "ood_values", "ood_all"):
         for design in DESIGNS:
             section = text.split(f"## Quality on {split} documents, translator `{design}`")[1].split("## ")[0]
             rows = ["Vanilla", "Standard RAG", "PRAG", "PRAG-Combine", "DyPRAG", "DyPRAG-Combine", "Shuffled doc (control)", "Mean LoRA (control)"]
@@ -92,11 +92,11 @@ def test_tables_have_all_rows(smoke):
                 "translator parameters `pooled_per_module`", "LoRA bytes stored per doc, PRAG (fp32)", "prompt tokens per question, Standard RAG",
                 "| DyPRAG EM >= Standard RAG |", "| Shuffled doc (control) within 2 s.e. of Vanilla |"]:
         assert row in text, row
-    for png in ["em_test.png", "em_ood.png", "translator_loss.png"]:
+    for png in ["em_test.png", "em_ood_all.png", "translator_loss.png"]:
         assert (smoke["root"] / png).stat().st_size > 1000, png
     res = json.loads((smoke["run"] / "eval" / "results.json").read_text())
     # 4 test docs x 5 facts; RAG prompts carry the passage, DyPRAG prompts do not
-    assert res["splits"]["test"]["rows"]["Vanilla"]["n"] == 20 and res["splits"]["ood"]["rows"]["Vanilla"]["n"] == 15
+    assert res["splits"]["test"]["rows"]["Vanilla"]["n"] == 20 and res["splits"]["ood_all"]["rows"]["Vanilla"]["n"] == 15
     assert res["prompt_tokens"]["rag"] > res["prompt_tokens"]["dyprag"] + 20
 
 
@@ -105,7 +105,7 @@ def test_seeds_differ_and_the_tokenizer_never_saw_held_out_text(smoke):
     assert docs[0][0].passage != docs[1][0].passage
     vocab = json.loads((smoke["run"] / "base_model" / "tokenizer.json").read_text())["model"]["vocab"]
     # a fitted tokenizer merges frequent words whole; the held-out entities' invented names are never frequent in what it saw
-    ood = load_docs_jsonl(smoke["run"] / "data" / "ood.jsonl")
+    ood = load_docs_jsonl(smoke["run"] / "data" / "ood_all.jsonl")
     assert all("Ġ" + d.qa[0].answer not in vocab for d in ood)
 
 
@@ -206,17 +206,24 @@ def test_synthetic_splits_have_disjoint_fictional_entities():
         assert {q.answer for q in d.qa} == {q.answer for q in d.eval_qa}
         assert not {q.question for q in d.qa} & {q.question for q in d.eval_qa}  # other wordings
         assert all(q.answer in d.passage and q.answer in d.rewrite for q in d.qa)
-    # out of distribution: no sentence, question wording or occupation/employer kind/year of training
-    train_sentences = {s for d in train for s in (d.passage + " " + d.rewrite).replace(name(d), "N").split(". ")}
-    train_questions = {q.question.replace(name(d), "N") for d in train for q in d.qa + d.eval_qa}
-    for d in ks.ood:
-        n = next(x for x in ks.names if x in d.passage)
-        occ = next(q.answer for q in d.eval_qa if q.kind == "occupation")
-        year = int(next(q.answer for q in d.eval_qa if q.kind == "year"))
-        assert occ in OOD.occupations and occ not in IN_DISTRIBUTION.occupations
-        assert OOD.years[0] <= year <= OOD.years[1] < IN_DISTRIBUTION.years[0]
-        assert not {q.question.replace(n, "N") for q in d.eval_qa} & train_questions
-        assert not {s for s in d.passage.replace(n, "N").split(". ")} & train_sentences
+    # out of distribution: templates are texts with the name and the values blanked out
+    def shapes(text: str, d, n: str) -> set[str]:
+        for q in d.qa:
+            text = text.replace(q.answer, "V")
+        return set(text.replace(n, "N").replace(".", "").split(" N ")) | {text}
+
+    train_sentences = set().union(*(shapes(d.passage + " " + d.rewrite, d, name(d)) for d in train))
+    train_questions = set().union(*(shapes(q.question, d, name(d)) for d in train for q in d.qa + d.eval_qa))
+    assert set(ks.ood) == {"values", "wordings", "style", "all"}
+    for axis, docs in ks.ood.items():
+        for d in docs:
+            n = next(x for x in ks.names if x in d.passage)
+            occ = next(q.answer for q in d.eval_qa if q.kind == "occupation")
+            year = int(next(q.answer for q in d.eval_qa if q.kind == "year"))
+            new_values = occ in OOD.occupations and occ not in IN_DISTRIBUTION.occupations and OOD.years[0] <= year <= OOD.years[1] < IN_DISTRIBUTION.years[0]
+            new_wordings = not set().union(*(shapes(q.question, d, n) for q in d.eval_qa)) & train_questions
+            new_style = not shapes(d.passage, d, n) & train_sentences
+            assert (new_values, new_wordings, new_style) == (axis in ("values", "all"), axis in ("wordings", "all"), axis in ("style", "all")), axis
 
 
 def test_shuffled_control_always_uses_another_document():

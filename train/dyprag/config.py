@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from models.translator import DESIGNS, TranslatorConfig
 from train.config import check
+from train.dyprag.data import OOD_AXES
 
 SOURCES = ("synthetic", "jsonl", "prag")
 
@@ -29,7 +30,8 @@ class DataConfig:
     # N > 0 = a fixed pool of N documents, each with its PRAG LoRA (what distillation needs)
     n_train_docs: int = 0
     n_test_docs: int = 40  # synthetic: held-out documents (entities disjoint from training)
-    n_ood_docs: int = 40  # synthetic: held-out documents in unseen templates, wordings and values
+    n_ood_docs: int = 40  # synthetic: held-out documents per out-of-distribution split
+    ood_axes: list[str] = field(default_factory=lambda: list(OOD_AXES))  # the OOD splits: what is new in each (data.ood_doc)
     n_known: int = 100  # synthetic: entities the base model learns closed-book in pretraining
 
     def __post_init__(self):
@@ -39,6 +41,8 @@ class DataConfig:
         check(self.n_train_docs == 0 or self.n_train_docs >= 2, f"data.n_train_docs={self.n_train_docs} must be 0 (stream) or >= 2")
         check(self.n_test_docs >= 2, f"data.n_test_docs={self.n_test_docs} must be >= 2 (the shuffled control needs another doc)")
         check(self.n_ood_docs == 0 or self.n_ood_docs >= 2, f"data.n_ood_docs={self.n_ood_docs} must be 0 or >= 2")
+        for a in self.ood_axes:
+            check(a in OOD_AXES, f"data.ood_axes: {a!r} is not an axis; allowed: {OOD_AXES}")
         check(self.n_known >= 1, f"data.n_known={self.n_known} must be >= 1")
 
 

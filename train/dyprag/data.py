@@ -13,9 +13,9 @@ Disjoint entity pools come from seeded generators:
   train     an endless stream of fresh documents the translator learns from
             (a hypernetwork needs thousands; `KnowledgeSet.training_docs`)
   test      held-out entities in the training templates and value ranges
-  ood       held-out entities whose sentence style, question wordings and
-            attribute values (occupations, employer kinds, birth years) never
-            appear in pretraining or training
+  ood_*     held-out entities with one kind of novelty each (OOD_AXES): attribute
+            values (occupations, employer kinds, birth years), question wordings,
+            or sentence style never seen in pretraining or training, or all three
 
 Documents can also come from a JSONL file (one object per line:
 {"passage": str, "rewrite": str?, "qa": [{"question", "answer", "aliases"?, "kind"?}, ...],
@@ -272,20 +272,27 @@ def entity_doc(e: Entity, rng: random.Random) -> Doc:
                qa=[_qa(e, k, AUGMENT_WORDING) for k in _FACTS], eval_qa=eval_qa)
 
 
-def ood_doc(e: Entity, rng: random.Random) -> Doc:
-    """Out-of-distribution document: a sentence style, question wordings and (for an OOD entity)
-    attribute values never seen in training. Its augmentation QA (for PRAG) uses the same
-    unseen wordings; evaluation asks the other one."""
-    w = [rng.choice(OOD_WORDINGS) for _ in _FACTS]
-    return Doc(passage=_text(e, OOD_STYLE, rng), rewrite=_text(e, TRAIN_STYLES[1], rng),
-               qa=[_qa(e, k, wi) for k, wi in zip(_FACTS, w)],
-               eval_qa=[_qa(e, k, sum(OOD_WORDINGS) - wi) for k, wi in zip(_FACTS, w)])
+OOD_AXES = ("values", "wordings", "style", "all")  # what is new in each out-of-distribution split
+
+
+def ood_doc(e: Entity, rng: random.Random, axis: str) -> Doc:
+    """Out-of-distribution document. axis "values": the entity's occupation, employer kind and
+    birth year come from the OOD pool (the caller draws it so); "wordings": questions in wordings
+    never used in training; "style": the passage in a sentence style never used in training;
+    "all": the three at once. Its augmentation QA (for PRAG) uses the split's wordings; evaluation
+    asks a different wording where there is one."""
+    new_wording, new_style = axis in ("wordings", "all"), axis in ("style", "all")
+    pair = OOD_WORDINGS if new_wording else EVAL_WORDINGS
+    w = [rng.choice(pair) for _ in _FACTS]
+    return Doc(passage=_text(e, OOD_STYLE if new_style else TRAIN_STYLES[0], rng), rewrite=_text(e, TRAIN_STYLES[1], rng),
+               qa=[_qa(e, k, wi if new_wording else AUGMENT_WORDING) for k, wi in zip(_FACTS, w)],
+               eval_qa=[_qa(e, k, sum(pair) - wi) for k, wi in zip(_FACTS, w)])
 
 
 @dataclass
 class KnowledgeSet:
     test: list[Doc]  # held-out entities, training templates and values
-    ood: list[Doc]  # held-out entities, unseen templates, wordings and values
+    ood: dict[str, list[Doc]]  # axis -> held-out entities with that novelty (see ood_doc)
     known: list[Entity]  # closed-book facts taught in pretraining
     seed: int
     names: set[str]  # every entity name above
@@ -301,7 +308,7 @@ class KnowledgeSet:
                 yield entity_doc(e, rng)
 
 
-def make_knowledge_set(n_test: int, n_ood: int, n_known: int, seed: int) -> KnowledgeSet:
+def make_knowledge_set(n_test: int, n_ood: int, n_known: int, seed: int, ood_axes: tuple[str, ...] | list[str] = OOD_AXES) -> KnowledgeSet:
     """Disjoint fictional entities (names never repeat across pools)."""
     rng = random.Random(seed)
     seen: set[str] = set()
@@ -315,7 +322,7 @@ def make_knowledge_set(n_test: int, n_ood: int, n_known: int, seed: int) -> Know
 
     known = [fresh() for _ in range(n_known)]
     test = [entity_doc(fresh(), rng) for _ in range(n_test)]
-    ood = [ood_doc(fresh(OOD), rng) for _ in range(n_ood)]
+    ood = {a: [ood_doc(fresh(OOD if a in ("values", "all") else IN_DISTRIBUTION), rng, a) for _ in range(n_ood)] for a in ood_axes} if n_ood else {}
     return KnowledgeSet(test, ood, known, seed, seen)
 
 

@@ -13,9 +13,9 @@ Rows (EM / F1 on the documents' evaluation questions, and EM per fact type):
   Standard RAG + mean LoRA   passage in the prompt + that mean LoRA: the answer (per design)
                    format a LoRA teaches, with no document's facts (fair to RAG on a
                    pretrained model whose own answers are long)
-on two splits: "test" (held-out entities, training templates) and "ood" (held-out
-entities whose sentence style, question wordings and attribute values never appear
-in training). "seen" rows run PRAG and DyPRAG on training documents. Cosine
+on the splits "test" (held-out entities, training templates) and "ood_<axis>" (held-out
+entities whose attribute values, question wordings, sentence style, or all three never
+appear in training). "seen" rows run PRAG and DyPRAG on training documents. Cosine
 similarity of the LoRAs' dense deltas and the cost figures come with them.
 """
 
@@ -60,10 +60,8 @@ def evaluate_run(run) -> dict:
     gen = dict(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, max_len=cfg.model.max_len)
     train_docs = run.training_docs()
     seen_docs = list(islice(train_docs, cfg.eval.seen_docs + MEAN_LORA_DOCS))
-    splits = {"test": run.docs("test"), "seen": seen_docs[: cfg.eval.seen_docs]}
-    if run.has_split("ood"):
-        splits["ood"] = run.docs("ood")
-    prag = {s: load_loras(run.root / "prag" / f"{s}.safetensors") for s in ("test", "seen", "ood") if (run.root / "prag" / f"{s}.safetensors").is_file()}
+    splits = {**{s: run.docs(s) for s in run.eval_splits()}, "seen": seen_docs[: cfg.eval.seen_docs]}
+    prag = {s: load_loras(run.root / "prag" / f"{s}.safetensors") for s in splits if (run.root / "prag" / f"{s}.safetensors").is_file()}
 
     def score(split, with_passage, doc_loras=None, shared=None):
         docs = splits[split]

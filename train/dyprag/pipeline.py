@@ -8,7 +8,7 @@ A run directory holds the resolved `config.yaml`, one folder `seed_<k>/` per see
 and the report over seeds (`results.md`, plots). Each seed runs these stages,
 each finished by a marker `seed_<k>/stages/<name>.json`, so running the same
 command again resumes after the last finished stage:
-  data                 held-out documents (test, ood), or the user's files
+  data                 held-out documents (test, ood_<axis>), or the user's files
   base                 tokenizer + tiny Llama pretrained on the synthetic corpus
                        (skipped when model.path names a local model)
   prag                 one LoRA per held-out document (and per training document
@@ -81,10 +81,14 @@ class Run:
 
     def knowledge_set(self):
         d = self.cfg.data
-        return make_knowledge_set(d.n_test_docs, d.n_ood_docs, d.n_known, self.seed)
+        return make_knowledge_set(d.n_test_docs, d.n_ood_docs, d.n_known, self.seed, d.ood_axes)
 
     def has_split(self, split: str) -> bool:
         return (self.root / "data" / f"{split}.jsonl").is_file()
+
+    def eval_splits(self) -> list[str]:
+        """The held-out splits this seed has: test, then the out-of-distribution ones."""
+        return ["test"] + sorted(p.stem for p in (self.root / "data").glob("ood_*.jsonl"))
 
     def docs(self, split: str) -> list[Doc]:
         return load_docs_jsonl(self.root / "data" / f"{split}.jsonl")
@@ -155,7 +159,7 @@ def stage_data(run: Run) -> dict:
     c = run.cfg.data
     ks = run.knowledge_set()
     if c.source == "synthetic":
-        splits = {"test": ks.test, "ood": ks.ood} if ks.ood else {"test": ks.test}
+        splits = {"test": ks.test, **{f"ood_{a}": docs for a, docs in ks.ood.items()}}
         if c.n_train_docs:
             splits["train"] = list(islice(ks.training_docs(), c.n_train_docs))
     else:
@@ -193,7 +197,7 @@ def stage_prag(run: Run) -> dict:
     cfg = run.cfg
     model, tokenizer = load_base(run.base_dir)
     train_docs = run.training_docs()
-    splits = {s: run.docs(s) for s in ("test", "ood") if run.has_split(s)}
+    splits = {s: run.docs(s) for s in run.eval_splits()}
     splits["seen"] = list(islice(train_docs, cfg.eval.seen_docs))
     if cfg.train.distills:
         splits["train"] = train_docs

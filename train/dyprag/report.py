@@ -183,9 +183,9 @@ def observations(S: Seeds) -> list[str]:
             f"mean LoRA {_fmt(controls['Mean LoRA (control)'])}): the generated LoRA {'carries' if above else 'does not carry'} the document. "
             f"DyPRAG-Combine {_fmt(em('test', 'DyPRAG-Combine', d))} vs Standard RAG {_fmt(rag)}."
         )
-        if "ood" in S.splits:
-            out.append(f"  Out of distribution (unseen templates, wordings, values): DyPRAG {_fmt(em('ood', 'DyPRAG', d))} EM, "
-                       f"Standard RAG {_fmt(em('ood', 'Standard RAG'))}, PRAG {_fmt(em('ood', 'PRAG'))}, shuffled {_fmt(em('ood', 'Shuffled doc (control)', d))}.")
+        for split in S.splits[1:]:
+            out.append(f"  `{split}`: DyPRAG {_fmt(em(split, 'DyPRAG', d))} EM, Standard RAG {_fmt(em(split, 'Standard RAG'))}, "
+                       f"PRAG {_fmt(em(split, 'PRAG'))}, shuffled document {_fmt(em(split, 'Shuffled doc (control)', d))}.")
     return out
 
 
@@ -235,8 +235,9 @@ def setup_text(cfg: dict, S: Seeds) -> list[str]:
                   else f"fresh documents streamed from a seeded generator ({t['steps']} steps x {t['docs_per_step']} = {t['steps'] * t['docs_per_step']:,} documents, never repeated)")
         data = (f"translator trained on {stream}; evaluated on {d['n_test_docs']} held-out documents (test: fictional people "
                 "never seen in training, 5 facts each, question wordings other than the training ones)"
-                + (f" and {d['n_ood_docs']} out-of-distribution documents (ood: a sentence style, question wordings and attribute "
-                   "values: occupations, employer kinds, birth years, that appear nowhere in pretraining or training)" if d["n_ood_docs"] else ""))
+                + (f"; and {d['n_ood_docs']} documents in each out-of-distribution split, one kind of novelty each: `ood_values` "
+                   "(occupations, employer kinds and birth years never seen), `ood_wordings` (question wordings never seen), "
+                   "`ood_style` (a passage sentence style never seen), `ood_all` (the three at once)" if d["n_ood_docs"] else ""))
     else:
         data = f"documents from `{d['train_file']}` (train) and `{d['test_file']}` (test)"
     layers = f" in layers {lo['layers']}" if lo["layers"] else ""
