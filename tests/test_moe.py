@@ -657,7 +657,8 @@ one_batch = global_moe().eval()(x.flatten(0, 1))[1].tokens_per_expert
 local = sum(global_moe().eval()(m)[1].tokens_per_expert for m in x[rank])
 assert not torch.equal(local.float(), one_batch.float() / 2), "ranks routed alike: the test would prove nothing"
 assert torch.equal(moe.load_E, one_batch.float()), (moe.load_E, one_batch)
-print("GLOBAL_COUNTS_OK")
+print("GLOBAL_COUNTS_OK", flush=True)  # flushed: the report survives an abort in teardown
+dist.barrier()  # neither rank tears down while the other still talks to it
 dist.destroy_process_group()
 """
 
