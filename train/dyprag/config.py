@@ -149,6 +149,7 @@ class DyPragConfig:
     runs_dir: str = "runs"
     overwrite: bool = False  # delete an existing run of another config and start again
     results_out: str = ""  # also copy results.md here (docs/results/dyprag.md for the default run)
+    notes: str = ""  # printed on the results page: what was tried, what to read into it (does not change results)
     threads: int = 1  # torch threads per seed; on a shared 2-core machine 1 was several times faster than 2
     seeds: list[int] = field(default_factory=lambda: [0])  # each seed: its own data, base model, LoRAs and translators
     jobs: int = 1  # seeds run at once (separate processes)

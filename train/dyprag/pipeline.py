@@ -99,8 +99,8 @@ class Run:
 
 
 def _comparable(cfg: DyPragConfig) -> str:
-    """The config as it decides the results (overwrite/results_out/jobs do not)."""
-    return to_yaml(dataclasses.replace(cfg, overwrite=False, results_out="", jobs=1))
+    """The config as it decides the results (overwrite/results_out/jobs/notes do not)."""
+    return to_yaml(dataclasses.replace(cfg, overwrite=False, results_out="", jobs=1, notes=""))
 
 
 def open_run(cfg: DyPragConfig) -> Path:
@@ -111,6 +111,7 @@ def open_run(cfg: DyPragConfig) -> Path:
     root = Path(cfg.runs_dir) / cfg.run_name
     saved = root / "config.yaml"
     if saved.is_file() and _comparable(load_config(DyPragConfig, saved)) == _comparable(cfg) and not cfg.overwrite:
+        atomic_write_text(saved, to_yaml(cfg))  # the same run: take the new notes / results_out
         return root
     if root.is_dir() and any(p.name != ".lock" for p in root.iterdir()):
         if not cfg.overwrite:

@@ -2,7 +2,7 @@
 
 results.md (returned) and plots land in the run directory. Observations are
 read off the numbers; a claim is called true only when its gap exceeds two
-standard errors (over seeds when there are several, else over questions).
+standard errors (the larger of the spread over paired seeds and the binomial one over questions).
 """
 
 from __future__ import annotations
@@ -124,13 +124,15 @@ def _em(r: list[dict] | None) -> list[float]:
 
 
 def _gap(a: list[float], b: list[float], n_questions: int) -> tuple[float, float]:
-    """Mean of a - b and two standard errors: over seeds if paired seeds exist, else a binomial s.e. over questions."""
+    """Mean of a - b over seeds and two standard errors. The s.e. is the larger of the one over
+    paired seeds and the binomial one over all questions (N = questions x seeds): with two seeds
+    the seed spread alone can be 0 by chance, which would call any difference real."""
     diffs = [x - y for x, y in zip(a, b)]
-    m, se = mean_se(diffs)
-    if math.isnan(se):
-        p = max(min(sum(a) / len(a) / 100, 1), 0)
-        se = 100 * math.sqrt(max(p * (1 - p), 1 / n_questions) / n_questions) * math.sqrt(2)
-    return m, 2 * se
+    m, seed_se = mean_se(diffs)
+    N = n_questions * len(a)
+    pa, pb = (min(max(sum(v) / len(v) / 100, 0), 1) for v in (a, b))
+    question_se = 100 * math.sqrt(max(pa * (1 - pa), 1 / N) / N + max(pb * (1 - pb), 1 / N) / N)
+    return m, 2 * (question_se if math.isnan(seed_se) else max(seed_se, question_se))
 
 
 def _verdict(a: list[float], b: list[float], n: int, relation: str) -> tuple[bool, str]:
@@ -279,6 +281,8 @@ def write_report(run: Path) -> str:
         "",
         *observations(S),
     ]
+    if cfg.get("notes"):
+        parts += ["", "## What was tried", "", cfg["notes"].strip()]
     for d in S.designs:
         parts += ["", f"## Targets, translator `{d}` (held-out test documents)", "", *targets_section(S, d)]
     for split in S.splits:
