@@ -261,6 +261,8 @@ def test_bad_base_model_dir_and_target_modules(tmp_path, capsys):
     assert "does not load" in err and "broken_model" in err
     err = _err(capsys, [SMOKE, f"runs_dir={runs}", f"model.path={tmp_path}/absent"])
     assert "directory not found" in err
+    err = _err(capsys, [SMOKE, f"runs_dir={runs}", f"model.path={tmp_path}/seed_{{seed}}"])  # every seed's folder is checked
+    assert f"{tmp_path}/seed_0" in err
     err = _err(capsys, [SMOKE, f"runs_dir={runs}", "lora.target_modules=[ffn_in]"])
     assert "ffn_in" in err and "match no module" in err and "gate_proj" in err
     err = _err(capsys, [SMOKE, f"runs_dir={runs}", "compare_designs=[pooled_shared,huge]"])

@@ -48,7 +48,12 @@ class DataConfig:
 
 @dataclass
 class BaseConfig:
-    path: str = ""  # "" = build and pretrain the tiny Llama below; else a local transformers causal-LM dir
+    # "" = build and pretrain the tiny Llama below; else a local transformers causal-LM dir,
+    # where "{seed}" stands for the seed (e.g. another run's runs/<run>/seed_{seed}/base_model)
+    path: str = ""
+
+    def path_for(self, seed: int) -> str:
+        return self.path.replace("{seed}", str(seed))
     vocab_size: int = 512  # BPE tokenizer fitted on the synthetic training text
     hidden: int = 64
     layers: int = 2

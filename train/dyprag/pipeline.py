@@ -77,7 +77,7 @@ class Run:
 
     @property
     def base_dir(self) -> Path:
-        return Path(self.cfg.model.path) if self.cfg.model.path else self.root / "base_model"
+        return Path(self.cfg.model.path_for(self.seed)) if self.cfg.model.path else self.root / "base_model"
 
     def knowledge_set(self):
         d = self.cfg.data
@@ -141,7 +141,8 @@ def check_inputs(cfg: DyPragConfig) -> None:
         for f in (cfg.data.train_file, cfg.data.test_file):
             external_docs(cfg.data, f)
     if cfg.model.path:
-        model, _ = load_base(cfg.model.path)
+        for seed in cfg.seeds:
+            model, _ = load_base(cfg.model.path_for(seed))
     else:  # the tiny Llama's Linear names, from a throwaway instance
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -175,7 +176,7 @@ def stage_data(run: Run) -> dict:
 def stage_base(run: Run) -> dict:
     c = run.cfg.model
     if c.path:
-        return {"base_model": c.path, "pretrained_here": False}
+        return {"base_model": c.path_for(run.seed), "pretrained_here": False}
     known = [Entity(**e) for e in json.loads((run.root / "data" / "known_entities.json").read_text())]
     train_docs = run.training_docs()
     fit_docs = list(islice(train_docs, TOKENIZER_DOCS))
