@@ -22,6 +22,12 @@ from train.plots import read_metrics  # noqa: E402
 
 BASELINE_ROWS = ["Vanilla", "Standard RAG", "PRAG", "PRAG-Combine"]
 DESIGN_ROWS = ["DyPRAG", "DyPRAG-Combine", "Shuffled doc (control)", "Mean LoRA (control)", "Standard RAG + mean LoRA (control)"]
+OOD_AXIS_TEXT = {
+    "values": "occupations, employer kinds and birth years never seen",
+    "wordings": "question wordings never seen",
+    "style": "a passage sentence style never seen",
+    "all": "the three at once",
+}
 SEEN_ROWS = {"PRAG (training docs)": None, "DyPRAG (training docs)": "design"}
 
 
@@ -242,9 +248,8 @@ def setup_text(cfg: dict, S: Seeds) -> list[str]:
                   else f"fresh documents streamed from a seeded generator ({t['steps']} steps x {t['docs_per_step']} = {t['steps'] * t['docs_per_step']:,} documents, never repeated)")
         data = (f"translator trained on {stream}; evaluated on {d['n_test_docs']} held-out documents (test: fictional people "
                 "never seen in training, 5 facts each, question wordings other than the training ones)"
-                + (f"; and {d['n_ood_docs']} documents in each out-of-distribution split, one kind of novelty each: `ood_values` "
-                   "(occupations, employer kinds and birth years never seen), `ood_wordings` (question wordings never seen), "
-                   "`ood_style` (a passage sentence style never seen), `ood_all` (the three at once)" if d["n_ood_docs"] else ""))
+                + (f"; and {d['n_ood_docs']} documents in each out-of-distribution split, one kind of novelty each: "
+                   + ", ".join(f"`ood_{a}` ({OOD_AXIS_TEXT[a]})" for a in d["ood_axes"]) if d["n_ood_docs"] else ""))
     else:
         data = f"documents from `{d['train_file']}` (train) and `{d['test_file']}` (test)"
     layers = f" in layers {lo['layers']}" if lo["layers"] else ""
