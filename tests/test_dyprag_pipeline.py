@@ -359,7 +359,8 @@ def test_cross_attention_translator_learns_a_fact_from_the_document():
     from train.dyprag.base import build_tiny_llama, encode_pairs
     from train.dyprag.config import DyPragConfig
     from train.dyprag.data import BOS, EOS, PAD, QA, Doc, qa_prompt, qa_target
-    from train.dyprag.train_translator import rows_of, train_translator
+    from train.dyprag.metrics import expand_per_question
+    from train.dyprag.train_translator import train_translator
 
     cats = ["Zub", "Mira", "Tosk", "Bela", "Quon", "Rill", "Dax", "Omo"]
 
@@ -395,7 +396,7 @@ def test_cross_attention_translator_learns_a_fact_from_the_document():
         rows = torch.arange(64)
 
         def accuracy(perm):
-            with factored_lora(model, rows_of(loras, torch.tensor(perm)), cfg.lora.scaling):
+            with factored_lora(model, expand_per_question(loras, perm), cfg.lora.scaling):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
             return (logits.argmax(-1)[rows, first] == labels[rows, first]).float().mean().item()
 

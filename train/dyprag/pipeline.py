@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from models.lora import export_peft_adapter, find_lora_targets, save_loras, stack_loras
+from models.lora import export_peft_adapter, find_lora_targets, load_loras, save_loras, stack_loras
 from models.translator import TranslatorMismatchError, document_states, load_translator, resolve_layers, save_translator
 from train.checkpoint import RunDirError, atomic_write, atomic_write_text, check_deletable, check_run_name, clear_run_dir, mark_run_dir, run_dir_lock
 from train.config import ConfigError, load_config, to_yaml
@@ -225,8 +225,6 @@ def stage_translator(run: Run, design: str) -> dict:
     docs = run.training_docs()
     kw = dict(pool=docs) if isinstance(docs, list) else dict(stream=docs)
     if cfg.train.distills:
-        from models.lora import load_loras
-
         kw["pool_loras"] = load_loras(run.root / "prag" / "train.safetensors")
     translator, info = train_translator(model, tokenizer, cfg, dataclasses.replace(cfg.translator, design=design), targets, seed=run.seed, log=run.log, **kw)
     path = run.root / "translator" / f"{design}.safetensors"
@@ -331,7 +329,7 @@ def generate(run_dir: Path, doc_file: Path, out_dir: Path, design: str | None, s
     layers = resolve_layers(cfg.translator.read_layers, model.config.num_hidden_layers)
     translator = load_translator(translator_path, targets, len(layers) * model.config.hidden_size)
     with torch.no_grad():
-        loras = translator(*document_states(model, tokenizer, [text], resolve_layers(translator.cfg.read_layers, model.config.num_hidden_layers)))
+        loras = translator(*document_states(model, tokenizer, [text], layers))
     export_peft_adapter(loras, run.base_dir, cfg.lora.target_modules, cfg.lora.rank, cfg.lora.alpha, out_dir, cfg.lora.layers)
     return out_dir
 

@@ -115,7 +115,7 @@ def cost_table(S: Seeds) -> str:
             [f"  PRAG (one peft model at a time) / DyPRAG `{d}`", _fmt([a / b for a, b in zip(seq, s)], 0) + "x"],
             [f"  PRAG (batched) / DyPRAG `{d}`", _fmt([a / b for a, b in zip(batched, s)], 0) + "x"],
             [f"  translator parameters `{d}`", f"{S.res[0]['designs'][d]['translator_parameters']:,}"],
-            [f"  translator training (s), documents read", f"{_fmt([t['train_seconds'] for t in tr], 0)}, {tr[0]['documents_seen']:,}"],
+            ["  translator training (s), documents read", f"{_fmt([t['train_seconds'] for t in tr], 0)}, {tr[0]['documents_seen']:,}"],
         ]
     rows += [
         ["LoRA bytes stored per doc, PRAG (fp32)", f"{prag[0]['bytes_per_doc']:,}"],

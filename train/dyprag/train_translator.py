@@ -32,6 +32,7 @@ from models.translator import TranslatorConfig, Translator, build_translator, do
 from train.dyprag.base import encode_pairs
 from train.dyprag.config import DyPragConfig
 from train.dyprag.data import Doc, qa_prompt, qa_target
+from train.dyprag.metrics import expand_per_question
 
 CALIBRATION_DOCS = 64  # documents whose token statistics standardize the translator's input
 
@@ -61,10 +62,6 @@ def qa_rows(docs: list[Doc], p_passage: float, per_doc: int, rng: random.Random)
             groups[with_passage][1].append(i)
     total = sum(len(pairs) for pairs, _ in groups.values())
     return [(pairs, rows, len(pairs) / total) for pairs, rows in groups.values() if pairs]
-
-
-def rows_of(loras: Loras, rows: torch.Tensor) -> Loras:
-    return {n: (A[rows], B[rows]) for n, (A, B) in loras.items()}
 
 
 def train_translator(
@@ -105,9 +102,8 @@ def train_translator(
         loss, parts = 0.0, {}
         # closed-book and passage rows are batched apart: padded together, every row would be passage-long
         for pairs, doc_of_row, share in qa_rows(docs, t.p_passage, t.questions_per_doc, rng):
-            rows = torch.tensor(doc_of_row)
-            targets_rows = rows_of(pool_loras, torch.tensor(idx)[rows]) if t.distills else None
-            part_loss, part = translator_loss(model, rows_of(generated, rows), encode_pairs(tokenizer, pairs, cfg.model.max_len), cfg.lora.scaling,
+            targets_rows = expand_per_question(pool_loras, [idx[i] for i in doc_of_row]) if t.distills else None
+            part_loss, part = translator_loss(model, expand_per_question(generated, doc_of_row), encode_pairs(tokenizer, pairs, cfg.model.max_len), cfg.lora.scaling,
                                               targets_rows, t.lambda_kl, t.lambda_mse)
             loss = loss + share * part_loss
             parts = {k: parts.get(k, 0.0) + share * v for k, v in part.items()}
