@@ -116,3 +116,14 @@ def test_trainer_logs_aux_averaged_over_micro_batches(tmp_path):
         values = [o.aux_losses.get(key, o.aux_metrics.get(key)).item() for o in outs]
         assert values[0] != pytest.approx(values[1], abs=1e-6), key  # else the mean proves nothing
         assert row[key] == pytest.approx(sum(values) / 2, abs=2e-6), key
+
+
+def test_capacity_ablation_pins_what_its_results_page_was_measured_with():
+    """docs/results/capacity.md was measured with score dropping and validation at the training
+    capacity; the defaults changed (position dropping, dropless evaluation), so its config pins them."""
+    from train.sweep import load_sweep
+    sweep = load_sweep(ROOT / "configs/ablations/capacity.yaml")
+    for run in sweep.runs():
+        moe = load_config(LMRunConfig, sweep.config, run.overrides).moe
+        assert moe.drop_policy == "score", run.variant
+        assert moe.capacity(1024, training=False) == moe.capacity(1024, training=True), run.variant
