@@ -4,8 +4,13 @@
    layer matches it on many random configs (hypothesis), forward and gradients.
 2. Exact properties: one expert == dense SwiGLU, uniform routing gives alpha,
    z-loss formula, conservation, capacity drops, float64 gradcheck.
-3. Aux-loss-free bias: balances a skewed router; identical across DDP ranks.
-4. Parity with transformers' Mixtral, Qwen2-MoE and DeepSeek-V3 blocks.
+3. Edges: finite at router logits of +-1e4 (fp32 and bf16 autocast, every score function,
+   normalisation, routing and dispatch), fp32 router and one output dtype under autocast,
+   causal position dropping, MoE++ zero / copy / constant experts and the routed-FLOPs metric.
+4. Aux-loss-free bias and global-batch balancing: counts pooled over micro-batches and over
+   gloo ranks equal one big batch's, counted once under activation checkpointing; the bias is
+   identical across DDP ranks.
+5. Parity with transformers' Mixtral, Qwen2-MoE and DeepSeek-V3 blocks.
 """
 from __future__ import annotations
 
