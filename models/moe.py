@@ -15,6 +15,7 @@ expert under expert-choice routing.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -66,6 +67,12 @@ class MoEConfig:
     router_jitter: float = 0.0  # multiplicative noise on the router input (train only)
     noisy_gating: bool = False  # Shazeer et al. 2017 learned-noise top-k (train only)
     routing: str = "token_choice"  # "token_choice" | "expert_choice" (non-causal)
+    # token choice ignores the router's choice and assigns round robin (token t's k-th slot goes to
+    # expert (t*K + k) mod E), so every expert gets T*K/E assignments; combine weights still come from
+    # the router's scores of those experts. For benchmarks and debugging, like torchtitan's
+    # _debug_force_load_balance, Megatron's moe_router_force_load_balancing, MegaBlocks'
+    # uniform_expert_assignment.
+    force_uniform_routing: bool = False
     # load balancing, each its own coefficient
     balance_alpha: float = 0.0  # expert-level
     # what the expert-level and device-level losses count f over: "micro_batch" (this forward's
@@ -313,11 +320,27 @@ class RoutedExperts(nn.Module):
         if self.dispatch not in ("grouped_mm", "auto") or x_AD.dtype not in (torch.float32, torch.bfloat16,
                                                                              torch.float16):
             return False
+        if self.compile_fallback(x_AD.dtype):
+            return False
         H = self.w_down.shape[1]
         return all(n * x_AD.element_size() % 16 == 0 for n in (x_AD.shape[1], H, 2 * H))
 
-    def wants_padding(self, counts_E: torch.Tensor) -> bool:
-        if self.dispatch == "padded_bmm":
+    def compile_fallback(self, dtype: torch.dtype) -> bool:
+        """Under torch.compile, grouped_mm's fake-tensor check takes bf16 only: other dtypes run
+        padded_bmm instead (one warning)."""
+        if self.dispatch not in ("grouped_mm", "auto") or dtype == torch.bfloat16 \
+                or not torch.compiler.is_compiling():
+            return False
+        if not RoutedExperts.warned_compile:
+            RoutedExperts.warned_compile = True
+            warnings.warn(f"MoE dispatch={self.dispatch!r} under torch.compile: grouped_mm compiles only in "
+                          f"bf16, so the {dtype} experts run dispatch='padded_bmm' (same results)")
+        return True
+
+    warned_compile = False
+
+    def wants_padding(self, counts_E: torch.Tensor, dtype: torch.dtype = torch.float32) -> bool:
+        if self.dispatch == "padded_bmm" or self.compile_fallback(dtype):
             return True
         return self.dispatch == "auto" and counts_E.numel() * counts_E.max().item() <= 1.25 * counts_E.sum().item()
 
@@ -461,6 +484,9 @@ class Router(nn.Module):
             if cfg.n_groups > 1:
                 choice_TE = self.limit_groups(choice_TE)
             idx_TK = choice_TE.topk(cfg.experts_per_token, dim=-1).indices
+            if cfg.force_uniform_routing:
+                T, K = idx_TK.shape
+                idx_TK = torch.arange(T * K, device=idx_TK.device).view(T, K) % choice_TE.shape[-1]
         scores_TK = scores_TE.gather(1, idx_TK)
         weights_TK = scores_TK
         if cfg.norm_topk:
@@ -697,7 +723,7 @@ class MoE(nn.Module):
         # gather -> experts -> weighted sum back to the tokens
         if plan.slot_A is not None:  # token choice
             counts_E, row_A = plan.counts_E, torch.arange(plan.slot_A.numel(), device=x_TD.device)
-            padded = self.experts.wants_padding(counts_E)
+            padded = self.experts.wants_padding(counts_E, dtype)
             if padded:  # every expert's group padded with zero rows to the largest, M
                 E, M = counts_E.numel(), int(counts_E.max())
                 expert_A = torch.repeat_interleave(torch.arange(E, device=x_TD.device), counts_E)
@@ -711,7 +737,7 @@ class MoE(nn.Module):
         else:
             # expert choice: a token can reach any number of experts
             out_AD = self.experts(xe_TD.index_select(0, plan.token_A), plan.counts_E, plan.weight_A,
-                                  padded=self.experts.wants_padding(plan.counts_E))  # groups are equal
+                                  padded=self.experts.wants_padding(plan.counts_E, dtype))  # groups are equal
             y_TD = torch.zeros_like(xe_TD).index_add_(0, plan.token_A, out_AD)
         if self.null_experts is not None:
             y_TD = y_TD + self.null_experts(xe_TD, routing.idx_TK, routing.weights_TK)

@@ -415,6 +415,20 @@ def test_backward_from_sum(dispatch):
     assert x.grad is not None and moe.experts.w_gate_up.grad.abs().sum() > 0
 
 
+def test_forced_uniform_routing_balances_every_expert():
+    cfg = MoEConfig(d_model=16, n_routed_experts=8, expert_hidden=8, top_k=3, force_uniform_routing=True,
+                    init_std=0.5)
+    moe = MoE(cfg)
+    x = torch.randn(64, 16) + 2 * torch.randn(16)  # a skewed router would pile these onto a few experts
+    routing = moe.router(x)
+    assert torch.bincount(routing.idx_TK.flatten(), minlength=8).tolist() == [24] * 8
+    assert (routing.idx_TK.sort(-1).values.diff(dim=-1) > 0).all()  # k distinct experts per token
+    torch.testing.assert_close(routing.weights_TK, routing.scores_TE.gather(1, routing.idx_TK))
+    _, aux = moe(x)
+    assert aux.max_vio == 0
+    assert MoE(dataclasses.replace(cfg, force_uniform_routing=False)).eval()(x)[1].max_vio > 0.5
+
+
 def test_auto_dispatch_pads_only_when_cheap():
     experts = MoE(MoEConfig(d_model=16, n_routed_experts=4, expert_hidden=16, top_k=1, dispatch="auto")).experts
     assert experts.wants_padding(torch.tensor([10, 12, 11, 11]))  # 48 rows padded from 44: +9%
