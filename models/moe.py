@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.transformer import SwiGLU, SwiGLUActivation
+from models.transformer import SwiGLU
 from models.validate import check
 
 
@@ -248,6 +248,10 @@ class MoEConfig:
 # backward is the other, and both stay gathers: autograd would take a gather's
 # backward through index_add_, many times slower on a multi-threaded CPU.
 
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 class SlotMap:
     def __init__(self, slot_A: torch.Tensor, row_A: torch.Tensor, T: int, K: int, n_rows: int):
         A = slot_A.numel()
@@ -260,18 +264,48 @@ class SlotMap:
         self.row_S[slot_A] = row_A
         self.pad_rows, self.dropped = A < n_rows, A < T * K
 
+    # without autograd the plain gathers run: an autograd.Function call costs more than the
+    # gather itself at sampling-sized batches
     def dispatch(self, x_TD: torch.Tensor) -> torch.Tensor:  # (T, D) -> (N, D)
-        return _Dispatch.apply(x_TD, self)
+        return _Dispatch.apply(x_TD, self) if needs_grad(x_TD) else self._dispatch(x_TD)
 
     def combine(self, out_ND: torch.Tensor) -> torch.Tensor:  # (N, D) -> (T, D)
-        return _Combine.apply(out_ND, self)
+        return _Combine.apply(out_ND, self) if needs_grad(out_ND) else self._combine(out_ND)
 
     def _dispatch(self, x_TD: torch.Tensor) -> torch.Tensor:
         return (F.pad(x_TD, (0, 0, 0, 1)) if self.pad_rows else x_TD).index_select(0, self.token_N)
 
     def _combine(self, out_ND: torch.Tensor) -> torch.Tensor:
-        out_SD = (F.pad(out_ND, (0, 0, 0, 1)) if self.dropped else out_ND).index_select(0, self.row_S)
-        return out_SD.view(self.T, self.K, -1).sum(dim=1)
+        out_ND = F.pad(out_ND, (0, 0, 0, 1)) if self.dropped else out_ND
+        if self.K == 1:
+            return out_ND.index_select(0, self.row_S)
+        # tokens in K chunks, so the slot-ordered copy is never larger than the (T, D) output
+        y_TD = out_ND.new_empty(self.T, out_ND.shape[-1])
+        for t in range(0, self.T, -(-self.T // self.K)):
+            y_chunk = y_TD[t:t + -(-self.T // self.K)]
+            rows = self.row_S[t * self.K:(t + y_chunk.shape[0]) * self.K]
+            torch.sum(out_ND.index_select(0, rows).view(y_chunk.shape[0], self.K, -1), dim=1, out=y_chunk)
+        return y_TD
+
+
+class TokenRows:
+    """Expert choice's rows: row a copies token token_A[a]; a token has any number of rows (or none).
+    Same interface as SlotMap; combine sums each token's rows with index_add_."""
+
+    def __init__(self, token_A: torch.Tensor, T: int):
+        self.token_A, self.T = token_A, T
+
+    def dispatch(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return _Dispatch.apply(x_TD, self) if needs_grad(x_TD) else self._dispatch(x_TD)
+
+    def combine(self, out_AD: torch.Tensor) -> torch.Tensor:
+        return _Combine.apply(out_AD, self) if needs_grad(out_AD) else self._combine(out_AD)
+
+    def _dispatch(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return x_TD.index_select(0, self.token_A)
+
+    def _combine(self, out_AD: torch.Tensor) -> torch.Tensor:
+        return out_AD.new_zeros(self.T, out_AD.shape[-1]).index_add_(0, self.token_A, out_AD)
 
 
 class _Dispatch(torch.autograd.Function):
@@ -298,6 +332,63 @@ class _Combine(torch.autograd.Function):
 
 # -----------------------------------------------------------------------------
 # experts
+
+class _GatheredGroupedMM(torch.autograd.Function):
+    """grouped_mm(rows._dispatch(x_TD), w_EDN) that saves x_TD, not its (A, D) gathered copy: the
+    backward gathers again (a copy pass is cheaper than keeping K copies of every token alive)."""
+
+    @staticmethod
+    def forward(ctx, x_TD, w_EDN, rows, offs_E):
+        ctx.rows, ctx.offs_E = rows, offs_E
+        ctx.save_for_backward(x_TD, w_EDN)
+        return F.grouped_mm(rows._dispatch(x_TD), w_EDN, offs=offs_E)
+
+    @staticmethod
+    def backward(ctx, g_AN):
+        x_TD, w_EDN = ctx.saved_tensors
+        g_AN = g_AN.contiguous()  # grouped_mm rejects stride-0 gradients (from y.sum())
+        g_x = g_w = None
+        if ctx.needs_input_grad[1]:
+            g_w = F.grouped_mm(ctx.rows._dispatch(x_TD).t(), g_AN, offs=ctx.offs_E)
+        if ctx.needs_input_grad[0]:
+            g_x = ctx.rows._combine(F.grouped_mm(g_AN, w_EDN.transpose(-2, -1), offs=ctx.offs_E))
+        return g_x, g_w, None, None
+
+
+class _WeightedSwiGLU(torch.autograd.Function):
+    """silu(gate) * up * weight of a fused [gate | up] tensor and per-row combine weights. Saves only
+    its inputs (the product is recomputed in backward for the weight's gradient) and writes
+    d[gate | up] into one buffer, as models.transformer.SwiGLUActivation does."""
+
+    @staticmethod
+    def forward(ctx, gate_up_AH2, weight_A1):
+        ctx.save_for_backward(gate_up_AH2, weight_A1)
+        gate_AH, up_AH = gate_up_AH2.chunk(2, dim=-1)
+        return (F.silu(gate_AH) * up_AH).mul_(weight_A1)
+
+    @staticmethod
+    def backward(ctx, d_AH):
+        gate_up_AH2, weight_A1 = ctx.saved_tensors
+        gate_AH, up_AH = gate_up_AH2.chunk(2, dim=-1)
+        d_gate_up_AH2 = torch.empty_like(gate_up_AH2)
+        d_gate_AH, d_up_AH = d_gate_up_AH2.chunk(2, dim=-1)
+        # one (A, H) temporary alive at a time, as in SwiGLUActivation: peak memory
+        torch.mul(d_AH, F.silu(gate_AH), out=d_up_AH)  # d * silu(gate), weight still to come
+        d_weight_A1 = (d_up_AH * up_AH).sum(dim=-1, keepdim=True)
+        d_up_AH.mul_(weight_A1)
+        torch.ops.aten.silu_backward.grad_input((d_AH * weight_A1).mul_(up_AH), gate_AH, grad_input=d_gate_AH)
+        return d_gate_up_AH2, d_weight_A1
+
+
+def looped_mm(a_AD: torch.Tensor, w_EDN: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """grouped_mm without autograd, skipping experts without rows (grouped_mm visits all E)."""
+    out_AN, start = a_AD.new_empty(a_AD.shape[0], w_EDN.shape[-1]), 0
+    for e, n in enumerate(counts):
+        if n:
+            torch.mm(a_AD[start:start + n], w_EDN[e], out=out_AN[start:start + n])
+            start += n
+    return out_AN
+
 
 class RoutedExperts(nn.Module):
     """E SwiGLU experts stored as 3-D weights, run on tokens already sorted by expert.
@@ -344,37 +435,51 @@ class RoutedExperts(nn.Module):
             return True
         return self.dispatch == "auto" and counts_E.numel() * counts_E.max().item() <= 1.25 * counts_E.sum().item()
 
-    def forward(self, x_AD: torch.Tensor, counts_E: torch.Tensor, weight_A: torch.Tensor,
-                padded: bool = False) -> torch.Tensor:
-        """x_AD: rows grouped by expert, counts_E[e] rows for expert e, in order; weight_A: combine
-        weights. padded: every expert has the same number of rows (padding rows are zero)."""
+    def forward(self, x_TD: torch.Tensor, rows: SlotMap | TokenRows, counts_E: torch.Tensor,
+                weight_A: torch.Tensor, padded: bool = False) -> torch.Tensor:
+        """Experts' outputs on rows.dispatch(x_TD): rows grouped by expert, counts_E[e] rows for
+        expert e, in order; weight_A: combine weights. padded: every expert has the same number
+        of rows (padding rows are zero)."""
         E, H, D = self.w_down.shape
-        # x_AD comes in the compute dtype (autocast's, if on) and every operand is cast to it,
+        # x_TD comes in the compute dtype (autocast's, if on) and every operand is cast to it,
         # so the output dtype does not depend on which ops autocast happens to list
-        w_gate_up, w_down = self.w_gate_up.to(x_AD.dtype), self.w_down.to(x_AD.dtype)
-        weight_A1 = weight_A.to(x_AD.dtype).unsqueeze(-1)
+        w_gate_up, w_down = self.w_gate_up.to(x_TD.dtype), self.w_down.to(x_TD.dtype)
+        weight_A1 = weight_A.to(x_TD.dtype).unsqueeze(-1)
         if padded:  # (E*M, D) -> (E, M, D): one batched matmul per projection
-            out_EMD = self.swiglu(x_AD.view(E, -1, D), weight_A1.view(E, -1, 1), w_gate_up, w_down, torch.bmm)
-            return out_EMD.flatten(0, 1)
-        if self.uses_grouped_mm(x_AD):
+            x_EMD = rows.dispatch(x_TD).view(E, -1, D)
+            h_EMH = self.activation(torch.bmm(x_EMD, w_gate_up), weight_A1.view(E, -1, 1))
+            return torch.bmm(h_EMH, w_down).flatten(0, 1)
+        grad = needs_grad(x_TD, w_gate_up)
+        if self.uses_grouped_mm(x_TD) and (grad or weight_A.shape[0] >= self.loop_below_rows_per_expert * E):
             offs_E = counts_E.cumsum(0, dtype=torch.int32)  # cumulative ends, as grouped_mm wants
-            return self.swiglu(x_AD, weight_A1, w_gate_up, w_down, lambda a, w: F.grouped_mm(a, w, offs=offs_E))
-        out_AD, start = [], 0
+            if grad:
+                gate_up_AH2 = _GatheredGroupedMM.apply(x_TD, w_gate_up, rows, offs_E)
+            else:
+                gate_up_AH2 = F.grouped_mm(rows._dispatch(x_TD), w_gate_up, offs=offs_E)
+            return F.grouped_mm(self.activation(gate_up_AH2, weight_A1), w_down, offs=offs_E)
+        if not grad:  # inference: one matmul per expert that has rows, into one buffer
+            counts = counts_E.tolist()
+            h_AH = self.activation(looped_mm(rows._dispatch(x_TD), w_gate_up, counts), weight_A1)
+            return looped_mm(h_AH, w_down, counts)
+        x_AD, out_AD, start = rows.dispatch(x_TD), [], 0
         for e, n in enumerate(counts_E.tolist()):
-            gate_nH, up_nH = (x_AD[start:start + n] @ w_gate_up[e]).chunk(2, dim=-1)
-            out_AD.append((F.silu(gate_nH) * up_nH) @ w_down[e])
+            h_nH = self.activation(x_AD[start:start + n] @ w_gate_up[e], weight_A1[start:start + n])
+            out_AD.append(h_nH @ w_down[e])
             start += n
-        return torch.cat(out_AD) * weight_A1
+        return torch.cat(out_AD)
+
+    # inference runs looped_mm below this many rows per expert (most experts then have none: grouped_mm
+    # would still visit them all); measured crossover on CPU, benchmarks/moe_layer.py latency section
+    loop_below_rows_per_expert = 1.0
 
     @staticmethod
-    def swiglu(x: torch.Tensor, weight: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
-               matmul) -> torch.Tensor:
-        """Both projections through `matmul`; the combine weight goes on the narrower of H and D."""
-        H, D = w_down.shape[-2:]
-        h = SwiGLUActivation.apply(matmul(x, w_gate_up))
-        if H <= D:
-            return matmul(h * weight, w_down)
-        return matmul(h, w_down) * weight
+    def activation(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up * combine weight, on the hidden side: the down projection's output then
+        needs no extra pass, and backward keeps nothing but gate_up."""
+        if needs_grad(gate_up, weight):
+            return _WeightedSwiGLU.apply(gate_up, weight)
+        gate, up = gate_up.chunk(2, dim=-1)  # no autograd.Function call: its overhead counts at tiny batches
+        return (F.silu(gate) * up).mul_(weight)
 
 
 class ZeroComputationExperts(nn.Module):
@@ -732,13 +837,10 @@ class MoE(nn.Module):
             n_rows = int(counts_E.sum())
             slots = SlotMap(plan.slot_A, row_A, T, cfg.experts_per_token, n_rows)
             weight_N = plan.weight_A.new_zeros(n_rows).index_copy(0, row_A, plan.weight_A) if padded else plan.weight_A
-            out_ND = self.experts(slots.dispatch(xe_TD), counts_E, weight_N, padded)
-            y_TD = slots.combine(out_ND)
-        else:
-            # expert choice: a token can reach any number of experts
-            out_AD = self.experts(xe_TD.index_select(0, plan.token_A), plan.counts_E, plan.weight_A,
-                                  padded=self.experts.wants_padding(plan.counts_E, dtype))  # groups are equal
-            y_TD = torch.zeros_like(xe_TD).index_add_(0, plan.token_A, out_AD)
+        else:  # expert choice: a token can reach any number of experts; every group has the same size
+            counts_E, slots, weight_N = plan.counts_E, TokenRows(plan.token_A, T), plan.weight_A
+            padded = self.experts.wants_padding(counts_E, dtype)
+        y_TD = slots.combine(self.experts(xe_TD, slots, counts_E, weight_N, padded))
         if self.null_experts is not None:
             y_TD = y_TD + self.null_experts(xe_TD, routing.idx_TK, routing.weights_TK)
 
