@@ -37,7 +37,8 @@ from train.checkpoint import (DONE_MARKER, CheckpointError, RunDirError, atomic_
                               latest_checkpoint, load_newest_good_checkpoint, prepare_run_dir, run_dir_lock,
                               save_checkpoint)
 from train.config import ConfigError, load_config, to_yaml
-from train.data import Corpus, DataConfig, build_corpus, sample_windows
+from train.data import BPETokenizer, ByteTokenizer, Corpus, DataConfig, build_corpus, sample_windows
+from train.sampling import domain_samples
 
 # ---- config -------------------------------------------------------------------------------
 
@@ -160,6 +161,14 @@ def build_model(cfg: LMRunConfig) -> Transformer:
     return Transformer(cfg.model, ffn_factory=lambda layer: MoE(replace(cfg.moe, d_model=cfg.model.d_model)))
 
 
+TOKENIZER_FILE = "tokenizer.json"  # in the run directory of a BPE run
+
+
+def run_tokenizer(cfg: LMRunConfig, run_dir: Path) -> ByteTokenizer | BPETokenizer:
+    """The tokenizer a run in `run_dir` was trained with."""
+    return ByteTokenizer() if cfg.data.tokenizer == "byte" else BPETokenizer.load(run_dir / TOKENIZER_FILE)
+
+
 def lr_at(step: int, c: OptimConfig) -> float:
     """Multiplier of the base lr: linear warmup, then cosine down to min_lr_ratio."""
     if step < c.warmup_steps:
@@ -260,7 +269,7 @@ def train(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = False, al
         changes = resume_changes(cfg, allow_changes)
         resumed = load_newest_good_checkpoint(run_dir, TRAIN_STATE)
     memory = memory_check(cfg, acc.device)
-    tokenizer_file = run_dir / "tokenizer.json" if resume and cfg.data.tokenizer == "bpe" else None
+    tokenizer_file = run_dir / TOKENIZER_FILE if resume and cfg.data.tokenizer == "bpe" else None
     if tokenizer_file is not None and not tokenizer_file.is_file():
         raise CheckpointError(f"{tokenizer_file} is missing: a resumed BPE run needs the tokenizer it was trained with")
     corpus = build_corpus(cfg.data, tokenizer_file)
@@ -274,7 +283,7 @@ def train(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = False, al
             prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
             atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
             if cfg.data.tokenizer == "bpe" and not resume:
-                corpus.tokenizer.save(run_dir / "tokenizer.json")
+                corpus.tokenizer.save(run_dir / TOKENIZER_FILE)
             print(memory, flush=True)
         acc.wait_for_everyone()
         return _run(cfg, acc, corpus, resumed, changes)
@@ -300,7 +309,7 @@ def _run(cfg: LMRunConfig, acc: Accelerator, corpus: Corpus, resumed: tuple | No
         if s.step % cfg.log.ckpt_every == 0 or s.step == last_step:
             save(s, cfg, acc)
     bar.close()
-    return finish(s, cfg, acc, log)
+    return finish(s, cfg, acc, log, corpus)
 
 
 class MetricsLog:
@@ -442,8 +451,9 @@ def save(s: RunState, cfg: LMRunConfig, acc: Accelerator) -> None:
         save_checkpoint(cfg.run_dir, s.step, acc.unwrap_model(s.model).state_dict(), state, keep=cfg.log.keep_checkpoints)
 
 
-def finish(s: RunState, cfg: LMRunConfig, acc: Accelerator, log: MetricsLog) -> dict[str, Any]:
-    """The run's summary (also summary.json), its plots, and the DONE marker once every step ran."""
+def finish(s: RunState, cfg: LMRunConfig, acc: Accelerator, log: MetricsLog, corpus: Corpus) -> dict[str, Any]:
+    """The run's summary (also summary.json) with a greedy sample per corpus domain, its plots, and the DONE
+    marker once every step ran."""
     wall, run_dir = s.wall_s(), cfg.run_dir
     summary = {"run_dir": str(run_dir), "step": s.step, "finished": s.step == cfg.train.steps}
     base = acc.unwrap_model(s.model)
@@ -456,7 +466,7 @@ def finish(s: RunState, cfg: LMRunConfig, acc: Accelerator, log: MetricsLog) -> 
         # tokens_per_s: the whole run's throughput; the median logging window (first left out) is steadier but flatters
         summary.update(final_val_loss=vals[-1] if vals else None, tokens=s.step * s.tokens_per_step, wall_s=round(wall, 6),
                        tokens_per_s=round(s.step * s.tokens_per_step / wall, 1),
-                       tokens_per_s_median_window=statistics.median(speeds))
+                       tokens_per_s_median_window=statistics.median(speeds), samples=domain_samples(base, corpus))
         plots.loss_curve(metrics, run_dir / "loss.png", cfg.run_name)
         if s.expert_load:
             rows = [(load / load.sum()).tolist() for load in s.expert_load.values()]
@@ -494,6 +504,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary))
+        for domain, sample in summary.get("samples", {}).items():
+            print(f"sample ({domain}): {sample['prompt']!r} -> {sample['continuation']!r}")
         print(f"final val loss {summary['final_val_loss']} | {summary['tokens_per_s']:.0f} tokens/s | "
               f"{summary['params'] / 1e6:.2f}M params ({summary['active_params'] / 1e6:.2f}M active) | run dir {summary['run_dir']}")
     return 0
