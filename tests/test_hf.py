@@ -151,3 +151,105 @@ def test_sample_command_streams_and_summary_has_domain_samples(runs, capsys):
     assert set(samples) == {"arithmetic", "sorting", "reverse", "recall", "grammar", "code"}
     assert all(s["prompt"] for s in samples.values())
     assert sample_main([str(runs["mixtral"]), "--prompt", "x" * 40]) == 2
+
+
+# ---- import: a transformers Llama-family folder as a run's start -------------------------------
+
+
+def llama_folder(path, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from train.data import ByteTokenizer
+    from train.hf.tokenizer import to_fast_tokenizer
+    kw = dict(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False,
+              rope_parameters={"rope_type": "default", "rope_theta": 5e5}, initializer_range=0.2)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**{**kw, **overrides})).save_pretrained(path)
+    to_fast_tokenizer(ByteTokenizer(), 64).save_pretrained(path)
+    return path
+
+
+def test_import_llama_first_batch_loss_equals_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+    from train.data import build_corpus, sample_windows
+    folder = llama_folder(tmp_path / "llama")
+    cfg = load_config(LMRunConfig, TINY, [f"out_dir={tmp_path}", f"init_from={folder}", "data.tokenizer=pretrained",
+                                          "train.steps=1", "train.warmup_steps=0", "log.log_every=1", "log.eval_every=1"])
+    summary = train(cfg)
+    first = json.loads((Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()[0])
+    # the trainer's first global batch, redrawn
+    corpus = build_corpus(cfg.data, folder)
+    starts = torch.randint(len(corpus.train.tokens) - 33, (8,), generator=torch.Generator().manual_seed(cfg.train.seed))
+    x, y, _ = sample_windows(corpus.train, starts, 32)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        hf_loss = hf(input_ids=torch.cat([x, y[:, -1:]], 1), labels=torch.cat([x, y[:, -1:]], 1)).loss.item()
+    assert abs(first["train_loss"] - hf_loss) < 1e-4 and hf_loss > 1.0
+    saved = load_config(LMRunConfig, Path(summary["run_dir"]) / "config.yaml")
+    assert (saved.model.n_kv_head, saved.model.tie_embeddings, saved.model.rope_theta, saved.model.vocab_size) == (2, False, 5e5, 300)
+
+
+def test_import_refuses_what_is_not_a_llama(tmp_path, capsys):
+    from transformers import MixtralConfig, MixtralForCausalLM
+    from train.lm import main
+    folder = tmp_path / "mixtral"
+    MixtralForCausalLM(MixtralConfig(vocab_size=256, hidden_size=32, intermediate_size=16, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=2, num_local_experts=2)).save_pretrained(folder)
+    assert main([TINY, f"out_dir={tmp_path}", f"init_from={folder}", "data.tokenizer=pretrained"]) == 2
+    assert "not a Llama-family model" in capsys.readouterr().err and not (tmp_path / "tiny").exists()
+    llama = llama_folder(tmp_path / "llama", attention_bias=True)
+    assert main([TINY, f"out_dir={tmp_path}", f"init_from={llama}", "data.tokenizer=pretrained"]) == 2
+    assert "attention_bias" in capsys.readouterr().err and not (tmp_path / "tiny").exists()
+    assert main([TINY, f"out_dir={tmp_path}", f"init_from={tmp_path}", "data.tokenizer=pretrained"]) == 2
+    assert "neither a transformers model folder" in capsys.readouterr().err
+
+
+# ---- upcycling ------------------------------------------------------------------------------------
+
+
+def upcycled(run_dir, *overrides):
+    from train import warmstart
+    cfg = warmstart.resolve(load_config(LMRunConfig, TINY, [f"init_from={run_dir}", "model.ffn=moe", *overrides]))
+    torch.manual_seed(1)
+    model = build_model(cfg)
+    warmstart.load_into(model, warmstart.initial_weights(cfg))
+    return cfg, model.eval()
+
+
+def test_copy_upcycled_moe_equals_the_dense_model_at_step_0(runs):
+    dense = load_run(runs["dense_gqa_untied"]).model
+    idx = torch.randint(256, (2, 32))
+    with torch.no_grad():
+        want = dense(idx).logits
+        _, moe = upcycled(runs["dense_gqa_untied"], "upcycle=copy", "moe.n_routed_experts=4", "moe.top_k=2",
+                          "moe.norm_topk=true")
+        torch.testing.assert_close(moe(idx).logits, want, atol=1e-5, rtol=1e-5)
+        # without renormalised weights (they sum to < 1) the function changes
+        _, moe = upcycled(runs["dense_gqa_untied"], "upcycle=copy", "moe.n_routed_experts=4", "moe.top_k=2")
+        assert not torch.allclose(moe(idx).logits, want, atol=1e-3)
+        # dropping re-initialises half of each expert's hidden units, different ones per expert
+        cfg, moe = upcycled(runs["dense_gqa_untied"], "upcycle=drop:0.5", "moe.n_routed_experts=4", "moe.top_k=2",
+                            "moe.norm_topk=true")
+    gate = dense.blocks[0].ffn.gate_up.weight[:64]                 # (H, D)
+    experts = moe.blocks[0].ffn.experts.w_gate_up[:, :, :64]       # (E, D, H)
+    kept = (experts.transpose(1, 2) == gate).all(dim=-1)           # (E, H): units still the dense ones
+    assert (kept.sum(dim=1) == 32).all() and len({tuple(k.tolist()) for k in kept}) == 4
+    assert cfg.moe.expert_hidden == 64
+
+
+def test_granular_upcycling_cuts_add_up_to_the_dense_ffn():
+    from models.upcycle import Upcycling, upcycle_experts
+    torch.manual_seed(0)
+    D, H, G = 8, 12, 3
+    gate_up, down, x = torch.randn(2 * H, D), torch.randn(D, H), torch.randn(5, D)
+    gate, up = (x @ gate_up.T).chunk(2, dim=-1)
+    dense = (torch.nn.functional.silu(gate) * up) @ down.T
+    w_gate_up, w_down = upcycle_experts(gate_up, down, 2, Upcycling.parse(f"granular:{G}"))
+    assert w_gate_up.shape == (2 * G, D, 2 * H // G) and w_down.shape == (2 * G, H // G, D)
+    cuts = []
+    for e in range(G, 2 * G):  # the second copy's cuts, each weighted 1/G
+        g, u = (x @ w_gate_up[e]).chunk(2, dim=-1)
+        cuts.append((torch.nn.functional.silu(g) * u) @ w_down[e] / G)
+    torch.testing.assert_close(sum(cuts), dense, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="must be one of copy, drop:<r>, granular:<G>"):
+        Upcycling.parse("drop:1.5")
