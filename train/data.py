@@ -23,17 +23,22 @@ from models.validate import check
 # ---- config ---------------------------------------------------------------------------
 
 
+TOKENIZERS = ("byte", "bpe", "pretrained")
+
+
 @dataclass
 class DataConfig:
     path: str | None = None        # a .txt file or a folder of them (one domain per file); None = synthetic corpus
     n_samples: int = 40000         # synthetic samples drawn (before the split)
     val_fraction: float = 0.05
     seed: int = 0
-    tokenizer: str = "byte"        # "byte" (256 symbols, nothing to train) or "bpe" (trained here with `tokenizers`)
+    # "byte" (256 symbols, nothing to train), "bpe" (trained here with `tokenizers`) or "pretrained"
+    # (the tokenizer of the transformers folder the run starts from, init_from)
+    tokenizer: str = "byte"
     bpe_vocab_size: int = 512
 
     def __post_init__(self) -> None:
-        check(self.tokenizer in ("byte", "bpe"), f"data.tokenizer={self.tokenizer!r} must be 'byte' or 'bpe'")
+        check(self.tokenizer in TOKENIZERS, f"data.tokenizer={self.tokenizer!r} must be one of {TOKENIZERS}")
         check(0.0 < self.val_fraction < 1.0, f"data.val_fraction={self.val_fraction} must be in (0, 1)")
         check(self.n_samples >= 100, f"data.n_samples={self.n_samples} must be >= 100")
         check(self.bpe_vocab_size >= 260, f"data.bpe_vocab_size={self.bpe_vocab_size} must be >= 260")
@@ -183,6 +188,24 @@ class BPETokenizer:
         return self.tok.decode(ids)
 
 
+class PretrainedTokenizer:
+    """A transformers tokenizer saved in a model folder (data.tokenizer=pretrained); no special tokens added."""
+
+    def __init__(self, folder: Path):
+        from transformers import AutoTokenizer
+        self.tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        self.vocab_size = len(self.tok)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids)
+
+
+Tokenizer = ByteTokenizer | BPETokenizer | PretrainedTokenizer
+
+
 # ---- token streams and batches ----------------------------------------------------------
 
 
@@ -197,7 +220,7 @@ class Corpus:
     train: TokenStream
     val: TokenStream
     domain_names: list[str]
-    tokenizer: ByteTokenizer | BPETokenizer
+    tokenizer: Tokenizer
 
 
 def _stream(samples: list[tuple[str, int]], tok) -> TokenStream:
@@ -209,9 +232,22 @@ def _stream(samples: list[tuple[str, int]], tok) -> TokenStream:
     return TokenStream(torch.tensor(ids, dtype=torch.long), torch.tensor(doms, dtype=torch.long))
 
 
+def build_tokenizer(cfg: DataConfig, tokenizer_file: Path | None, train_texts: list[str] | None = None) -> Tokenizer:
+    """The tokenizer `cfg` names: loaded from `tokenizer_file` (BPE's tokenizer.json, or a pretrained model's
+    folder) when given, else made (bytes; BPE trained on `train_texts`)."""
+    if cfg.tokenizer == "byte":
+        return ByteTokenizer()
+    if cfg.tokenizer == "pretrained":
+        return PretrainedTokenizer(tokenizer_file)
+    if tokenizer_file is not None:
+        return BPETokenizer.load(tokenizer_file)
+    return BPETokenizer.train(train_texts, cfg.bpe_vocab_size)
+
+
 def build_corpus(cfg: DataConfig, tokenizer_file: Path | None = None) -> Corpus:
     """Both splits, tokenized. With BPE, `tokenizer_file` is loaded if given (a resumed run
-    keeps its tokenizer), else a tokenizer is trained on the training split."""
+    keeps its tokenizer), else a tokenizer is trained on the training split; a pretrained
+    tokenizer is loaded from the folder `tokenizer_file`."""
     if cfg.path is None:
         samples, names = synthetic_samples(cfg.n_samples, cfg.seed), list(DOMAINS)
     else:
@@ -220,12 +256,7 @@ def build_corpus(cfg: DataConfig, tokenizer_file: Path | None = None) -> Corpus:
     val = [s for s in samples if in_validation(s[0], cfg.val_fraction)]
     if not train or not val:
         raise ValueError(f"data: {len(samples)} samples give an empty split; add text or change data.val_fraction")
-    if cfg.tokenizer == "byte":
-        tok = ByteTokenizer()
-    elif tokenizer_file is not None:
-        tok = BPETokenizer.load(tokenizer_file)
-    else:
-        tok = BPETokenizer.train([t for t, _ in train], cfg.bpe_vocab_size)
+    tok = build_tokenizer(cfg, tokenizer_file, [t for t, _ in train])
     return Corpus(_stream(train, tok), _stream(val, tok), names, tok)
 
 

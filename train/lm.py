@@ -31,13 +31,16 @@ from tqdm import tqdm
 
 from models.moe import MoE, MoEConfig
 from models.transformer import Transformer, TransformerConfig
+from models.upcycle import Upcycling
 from models.validate import check
 from train import plots
 from train.checkpoint import (DONE_MARKER, CheckpointError, RunDirError, atomic_write_text, check_run_dir, check_run_name,
                               latest_checkpoint, load_newest_good_checkpoint, prepare_run_dir, run_dir_lock,
                               save_checkpoint)
 from train.config import ConfigError, load_config, to_yaml
-from train.data import Corpus, DataConfig, build_corpus, sample_windows
+from train import warmstart
+from train.data import Corpus, DataConfig, Tokenizer, build_corpus, build_tokenizer, sample_windows
+from train.sampling import domain_samples
 
 # ---- config -------------------------------------------------------------------------------
 
@@ -97,9 +100,21 @@ class LMRunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: OptimConfig = field(default_factory=OptimConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    # start from trained weights: a local transformers Llama-family folder (with data.tokenizer=pretrained) or a
+    # finished run directory; "{seed}" stands for train.seed, "{out_dir}" for out_dir. The source sets model.* (train/warmstart.py)
+    init_from: str | None = None
+    # with a dense init_from and model.ffn=moe, how its FFNs become experts: copy, drop:<r> or granular:<G>
+    upcycle: str | None = None
 
     def __post_init__(self) -> None:
         check_run_name(self.run_name)
+        check(self.upcycle is None or self.init_from is not None, f"upcycle={self.upcycle!r} needs init_from")
+        if self.upcycle is not None:
+            Upcycling.parse(self.upcycle)
+        check((self.data.tokenizer == "pretrained") <= (self.init_from is not None),
+              "data.tokenizer=pretrained needs init_from (a transformers folder with a tokenizer)")
+        if self.init_from is not None:
+            return  # the model comes from the source: checked against it by warmstart.resolve
         check(self.train.seq_len <= self.model.max_seq_len,
               f"train.seq_len={self.train.seq_len} must be <= model.max_seq_len={self.model.max_seq_len}")
         if self.data.tokenizer == "byte":
@@ -158,6 +173,24 @@ def resume_changes(cfg: LMRunConfig, allow_changes: bool) -> dict[str, tuple[Any
 
 def build_model(cfg: LMRunConfig) -> Transformer:
     return Transformer(cfg.model, ffn_factory=lambda layer: MoE(replace(cfg.moe, d_model=cfg.model.d_model)))
+
+
+TOKENIZER_FILE = "tokenizer.json"  # in the run directory of a BPE run
+
+
+def tokenizer_source(cfg: LMRunConfig, run_dir: Path, trained: bool) -> Path | None:
+    """Where the tokenizer of a run in `run_dir` is read from (`trained`: the run has saved its BPE tokenizer);
+    None: made afresh (bytes, or BPE trained on the corpus)."""
+    if cfg.data.tokenizer == "pretrained":
+        return warmstart.source_path(cfg)
+    if cfg.data.tokenizer == "bpe" and (trained or cfg.init_from is not None):
+        return (run_dir if trained else warmstart.source_path(cfg)) / TOKENIZER_FILE
+    return None
+
+
+def run_tokenizer(cfg: LMRunConfig, run_dir: Path) -> Tokenizer:
+    """The tokenizer a run in `run_dir` was trained with."""
+    return build_tokenizer(cfg.data, tokenizer_source(cfg, run_dir, trained=True))
 
 
 def lr_at(step: int, c: OptimConfig) -> float:
@@ -255,15 +288,21 @@ def train(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = False, al
     run_dir = cfg.run_dir
     # everything that can fail on bad input happens before the run directory is touched
     check_run_dir(run_dir, resume=resume, overwrite=overwrite)
-    changes, resumed = {}, None
+    cfg = warmstart.resolve(cfg)
+    changes, resumed, start = {}, None, None
     if resume:
         changes = resume_changes(cfg, allow_changes)
         resumed = load_newest_good_checkpoint(run_dir, TRAIN_STATE)
     memory = memory_check(cfg, acc.device)
-    tokenizer_file = run_dir / "tokenizer.json" if resume and cfg.data.tokenizer == "bpe" else None
-    if tokenizer_file is not None and not tokenizer_file.is_file():
-        raise CheckpointError(f"{tokenizer_file} is missing: a resumed BPE run needs the tokenizer it was trained with")
+    tokenizer_file = tokenizer_source(cfg, run_dir, trained=resume)
+    if tokenizer_file is not None and not tokenizer_file.exists():
+        raise CheckpointError(f"{tokenizer_file} is missing: the run needs the tokenizer its weights were trained with")
     corpus = build_corpus(cfg.data, tokenizer_file)
+    check(corpus.tokenizer.vocab_size <= cfg.model.vocab_size and cfg.train.seq_len <= cfg.model.max_seq_len,
+          f"the model (vocab_size={cfg.model.vocab_size}, max_seq_len={cfg.model.max_seq_len}) must take the "
+          f"tokenizer's {corpus.tokenizer.vocab_size} tokens and train.seq_len={cfg.train.seq_len}")
+    if cfg.init_from is not None and not resume:
+        start = warmstart.initial_weights(cfg)
     for split, stream in (("training", corpus.train), ("validation", corpus.val)):
         if len(stream.tokens) < cfg.train.seq_len + 2:
             raise ValueError(f"data: the {split} split has {len(stream.tokens)} tokens, fewer than train.seq_len + 2 = "
@@ -273,14 +312,14 @@ def train(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = False, al
         if acc.is_main_process:
             prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
             atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
-            if cfg.data.tokenizer == "bpe" and not resume:
-                corpus.tokenizer.save(run_dir / "tokenizer.json")
+            if cfg.data.tokenizer == "bpe" and not resume:  # a run keeps its own copy
+                corpus.tokenizer.save(run_dir / TOKENIZER_FILE)
             print(memory, flush=True)
         acc.wait_for_everyone()
-        return _run(cfg, acc, corpus, resumed, changes)
+        return _run(cfg, acc, corpus, resumed or start, changes)
 
 
-def _run(cfg: LMRunConfig, acc: Accelerator, corpus: Corpus, resumed: tuple | None, changes: dict) -> dict[str, Any]:
+def _run(cfg: LMRunConfig, acc: Accelerator, corpus: Corpus, resumed: tuple | dict | None, changes: dict) -> dict[str, Any]:
     """The training loop of `train`, once every check has passed and the run directory is ready."""
     log = MetricsLog(cfg.run_dir / "metrics.jsonl", acc.is_main_process)
     s = set_up(cfg, acc, resumed, changes, log)
@@ -300,7 +339,7 @@ def _run(cfg: LMRunConfig, acc: Accelerator, corpus: Corpus, resumed: tuple | No
         if s.step % cfg.log.ckpt_every == 0 or s.step == last_step:
             save(s, cfg, acc)
     bar.close()
-    return finish(s, cfg, acc, log)
+    return finish(s, cfg, acc, log, corpus)
 
 
 class MetricsLog:
@@ -346,8 +385,9 @@ class RunState:
         return self.wall_before + time.perf_counter() - self.t_start
 
 
-def set_up(cfg: LMRunConfig, acc: Accelerator, resumed: tuple | None, changes: dict, log: MetricsLog) -> RunState:
-    """Model, optimizer and schedule, with the state of `resumed` (a checkpoint) restored; prepared by accelerate."""
+def set_up(cfg: LMRunConfig, acc: Accelerator, resumed: tuple | dict | None, changes: dict, log: MetricsLog) -> RunState:
+    """Model, optimizer and schedule, with the state of `resumed` restored (a checkpoint: path, weights, state,
+    skipped), or starting from the weights `resumed` (init_from); prepared by accelerate."""
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg)
     opt = build_optimizer(model, cfg.train)
@@ -355,7 +395,9 @@ def set_up(cfg: LMRunConfig, acc: Accelerator, resumed: tuple | None, changes: d
     c = cfg.train
     s = RunState(model, opt, sched, torch.Generator().manual_seed(c.seed),
                  tokens_per_step=c.batch_size * c.grad_accum * acc.num_processes * c.seq_len)
-    if resumed:
+    if isinstance(resumed, dict):
+        warmstart.load_into(model, resumed)
+    elif resumed:
         path, weights, state, skipped = resumed
         model.load_state_dict(weights)
         opt.load_state_dict(state["optimizer"])
@@ -442,8 +484,9 @@ def save(s: RunState, cfg: LMRunConfig, acc: Accelerator) -> None:
         save_checkpoint(cfg.run_dir, s.step, acc.unwrap_model(s.model).state_dict(), state, keep=cfg.log.keep_checkpoints)
 
 
-def finish(s: RunState, cfg: LMRunConfig, acc: Accelerator, log: MetricsLog) -> dict[str, Any]:
-    """The run's summary (also summary.json), its plots, and the DONE marker once every step ran."""
+def finish(s: RunState, cfg: LMRunConfig, acc: Accelerator, log: MetricsLog, corpus: Corpus) -> dict[str, Any]:
+    """The run's summary (also summary.json) with a greedy sample per corpus domain, its plots, and the DONE
+    marker once every step ran."""
     wall, run_dir = s.wall_s(), cfg.run_dir
     summary = {"run_dir": str(run_dir), "step": s.step, "finished": s.step == cfg.train.steps}
     base = acc.unwrap_model(s.model)
@@ -456,7 +499,7 @@ def finish(s: RunState, cfg: LMRunConfig, acc: Accelerator, log: MetricsLog) -> 
         # tokens_per_s: the whole run's throughput; the median logging window (first left out) is steadier but flatters
         summary.update(final_val_loss=vals[-1] if vals else None, tokens=s.step * s.tokens_per_step, wall_s=round(wall, 6),
                        tokens_per_s=round(s.step * s.tokens_per_step / wall, 1),
-                       tokens_per_s_median_window=statistics.median(speeds))
+                       tokens_per_s_median_window=statistics.median(speeds), samples=domain_samples(base, corpus))
         plots.loss_curve(metrics, run_dir / "loss.png", cfg.run_name)
         if s.expert_load:
             rows = [(load / load.sum()).tolist() for load in s.expert_load.values()]
@@ -494,6 +537,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary))
+        for domain, sample in summary.get("samples", {}).items():
+            print(f"sample ({domain}): {sample['prompt']!r} -> {sample['continuation']!r}")
         print(f"final val loss {summary['final_val_loss']} | {summary['tokens_per_s']:.0f} tokens/s | "
               f"{summary['params'] / 1e6:.2f}M params ({summary['active_params'] / 1e6:.2f}M active) | run dir {summary['run_dir']}")
     return 0

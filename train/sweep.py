@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import yaml
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
@@ -116,7 +117,14 @@ class Sweep:
 
 
 def _text(v: Any) -> str:
-    """A YAML value as OmegaConf's dotlist parses it back."""
+    """A YAML value as OmegaConf's dotlist parses it back (a string YAML would read otherwise, e.g.
+    "{out_dir}/x", quoted)."""
+    if isinstance(v, str):
+        try:
+            plain = yaml.safe_load(v) == v
+        except yaml.YAMLError:
+            plain = False
+        return v if plain else json.dumps(v)
     return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
 
 
