@@ -38,6 +38,7 @@ from train.checkpoint import (DONE_MARKER, CheckpointError, RunDirError, atomic_
                               save_checkpoint)
 from train.config import ConfigError, load_config, to_yaml
 from train.data import Corpus, DataConfig, build_corpus, sample_windows
+from train.evaluation import evaluate
 
 # ---- config -------------------------------------------------------------------------------
 
@@ -77,13 +78,12 @@ class OptimConfig:
 class LogConfig:
     log_every: int = 10
     eval_every: int = 100
-    eval_batches: int = 8           # validation windows: eval_batches global batches at fixed positions
     ckpt_every: int = 200
     keep_checkpoints: int = 3       # the newest kept; resume falls back to an older one when the newest does not load
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("log_every", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints"):
+        for name in ("log_every", "eval_every", "ckpt_every", "keep_checkpoints"):
             check(getattr(self, name) >= 1, f"log.{name}={getattr(self, name)} must be >= 1")
 
 
@@ -174,24 +174,6 @@ def build_optimizer(model: torch.nn.Module, c: OptimConfig) -> torch.optim.AdamW
     other = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": c.weight_decay}, {"params": other, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=c.lr, betas=(c.beta1, c.beta2), fused=False)
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, corpus: Corpus, cfg: LMRunConfig, acc: Accelerator) -> float:
-    """Mean validation loss over fixed, evenly spaced windows, split across processes."""
-    n = cfg.log.eval_batches * cfg.train.batch_size * acc.num_processes  # eval_batches global batches
-    hi = len(corpus.val.tokens) - cfg.train.seq_len - 1
-    starts = torch.linspace(0, hi, n).long()[acc.process_index::acc.num_processes]
-    model.eval()
-    total = torch.zeros(2)
-    for chunk in starts.split(cfg.train.batch_size):
-        x, y, _ = sample_windows(corpus.val, chunk, cfg.train.seq_len)
-        with acc.autocast():
-            out = model(x.to(acc.device), y.to(acc.device))
-        total += torch.tensor([out.loss.float().item() * len(chunk), len(chunk)])
-    model.train()
-    total = acc.reduce(total.to(acc.device), reduction="sum").cpu()
-    return (total[0] / total[1]).item()
 
 
 class NonFiniteLoss(RuntimeError):
@@ -319,7 +301,7 @@ def _run(cfg: LMRunConfig, acc: Accelerator, corpus: Corpus, resumed: tuple | No
     metrics_file = run_dir / "metrics.jsonl"
     bar = tqdm(total=last_step, initial=step, disable=not (log.progress and acc.is_main_process), desc=cfg.run_name, unit="step")
     t_start = time.perf_counter()
-    t_window, tok_window, val_loss = t_start, 0, None
+    t_window, tok_window, evaluated = t_start, 0, {}
 
     def wall_s() -> float:
         """Wall time of the training loop over the steps this run kept, every session of it."""
@@ -371,21 +353,20 @@ def _run(cfg: LMRunConfig, acc: Accelerator, corpus: Corpus, resumed: tuple | No
         bar.update(1)
 
         if step % log.eval_every == 0 or step == c.steps:
-            val_loss = evaluate(model, corpus, cfg, acc)
-        if step % log.log_every == 0 or step == last_step or val_loss is not None:
+            evaluated = evaluate(model, corpus, cfg, acc)
+        if step % log.log_every == 0 or step == last_step or evaluated:
             now = time.perf_counter()
             # train_loss: the mean over the steps since the last row
             row = {"step": step, "tokens": step * tokens_per_step, "train_loss": round(win_loss / win_steps, 5),
                    "lr": sched.get_last_lr()[0], "tokens_per_s": round(tok_window / (now - t_window), 1)}
-            if val_loss is not None:
-                row["val_loss"] = round(val_loss, 5)
+            row.update(evaluated)
             row.update({k: round(v, 6) for k, v in aux_means.items()})
             if acc.is_main_process:
                 with metrics_file.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                      for k, v in row.items() if "/" not in k))
-            t_window, tok_window, val_loss, win_loss, win_steps = now, 0, None, 0.0, 0
+            t_window, tok_window, evaluated, win_loss, win_steps = now, 0, {}, 0.0, 0
         if step % log.ckpt_every == 0 or step == last_step:
             checkpoint()
     wall = wall_s()
