@@ -189,6 +189,13 @@ def write_results(sweep: Sweep, report: Path | None = None) -> list[VariantResul
         plots.band_curves(curves, d / "val_loss.png", f"{sweep.name}: validation loss (mean ± std over seeds)",
                           "validation loss (nats/token)")
         images.append(("Validation loss during training (band: ± std over seeds)", "val_loss.png"))
+    shown = [v for v in verdicts if not math.isnan(v.lo)]
+    if shown:
+        plots.intervals([f"{v.metric}: {v.a} < {v.b}" for v in shown], [v.mean for v in shown], [v.lo for v in shown],
+                        [v.hi for v in shown], d / "paired_differences.png",
+                        f"{sweep.name}: paired differences a − b ({CONFIDENCE:.0%} CI over seeds)", "a − b (below 0: the claim holds)")
+        images.append((f"Each claim's paired difference a − b with its {CONFIDENCE:.0%} confidence interval (left of 0: "
+                       "the claim holds)", "paired_differences.png"))
     for r in results:  # the training-time expert load of each MoE variant's first finished seed
         src = next((run.run_dir / "expert_load.png" for run in sweep.runs() if run.variant == r.variant
                     and finished(run.run_dir) and (run.run_dir / "expert_load.png").exists()), None)

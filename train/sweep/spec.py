@@ -142,7 +142,7 @@ def _over(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
     return {**parent, **child, "set": {**(parent.get("set") or {}), **(child.get("set") or {})}}
 
 
-def _read(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+def read_sweep_file(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """The sweep file's keys, merged over the file it inherits from."""
     path = path.resolve()
     raw = _raw(path, seen, SWEEP_KEYS, "sweep")
@@ -150,7 +150,7 @@ def _read(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raw["config"] = str((path.parent / str(raw["config"])).resolve())
     if "inherit" not in raw:
         return raw
-    return _over(_read(path.parent / str(raw.pop("inherit")), seen + (path,)), raw)
+    return _over(read_sweep_file(path.parent / str(raw.pop("inherit")), seen + (path,)), raw)
 
 
 def _mapping(value: Any, what: str, path: Path) -> dict[str, Any]:
@@ -190,7 +190,7 @@ def load_sweep(path: str | Path, overlays: list[str | Path] = ()) -> Sweep:
     """Read and check a sweep file (and overlays merged over it, in order), then validate every
     variant's config with the trainer's schema."""
     path = Path(path)
-    raw = _read(path)
+    raw = read_sweep_file(path)
     for overlay in map(Path, overlays):
         raw = _over(raw, _raw(overlay.resolve(), (), OVERLAY_KEYS, "overlay"))
     if "config" not in raw:
