@@ -65,6 +65,7 @@ def test_grid_is_the_cross_product_with_one_run_dir_per_seed(tmp_path):
                                 "top_k=2,score_func=softmax", "top_k=2,score_func=sigmoid"]
     runs = s.runs()
     assert len(runs) == 8 and len({r.run_dir for r in runs}) == 8
+    assert [r.seed for r in runs] == [3] * 4 + [4] * 4  # whole seeds first: a sweep stopped early stays paired
     run = next(r for r in runs if r.variant == "top_k=2,score_func=sigmoid" and r.seed == 4)
     cfg = load_config(LMRunConfig, s.config, run.overrides)
     assert (cfg.moe.top_k, cfg.moe.score_func, cfg.train.seed, cfg.model.d_model) == (2, "sigmoid", 4, 32)

@@ -107,9 +107,11 @@ class Sweep:
         return self.out_dir / self.name
 
     def runs(self) -> list[Run]:
+        """Seed by seed, every variant of a seed before the next seed: a sweep stopped early leaves whole
+        seeds, which is what paired comparisons need."""
         return [Run(v, s, [*as_overrides(self.common), *as_overrides(ov), f"train.seed={s}",
                            f"out_dir={self.dir}", f"run_name={v}-s{s}"], self.dir / f"{v}-s{s}")
-                for v, ov in self.variants.items() for s in self.seeds]
+                for s in self.seeds for v, ov in self.variants.items()]
 
     def first_config(self) -> LMRunConfig:
         """The trainer config of the first run (what every variant shares, and the data)."""
