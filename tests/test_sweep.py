@@ -79,9 +79,11 @@ def test_tiny_router_sweep_keeps_active_and_total_parameters_equal():
     for r in s.runs():
         if r.seed == s.seeds[0]:
             m = build_model(load_config(LMRunConfig, s.config, r.overrides))
-            router = sum(b.ffn.router.weight.numel() for b in m.blocks)  # one row per expert: the only difference
-            sizes.add((m.num_parameters() - router, m.active_parameters() - router))
-    assert len(sizes) == 1 and len(s.variants) == 7
+            # the router (one row per expert) and MoE++'s zero-computation experts (O(width)) are the only differences
+            extra = sum(p.numel() for b in m.blocks for part in (b.ffn.router, b.ffn.null_experts) if part is not None
+                        for p in part.parameters())
+            sizes.add((m.num_parameters() - extra, m.active_parameters() - extra))
+    assert len(sizes) == 1 and len(s.variants) == 8
 
 
 @pytest.mark.parametrize("body, message", [

@@ -214,7 +214,11 @@ def memory_check(cfg: LMRunConfig, device: torch.device) -> str:
     return f"memory: {sizes}; {_size(free)} free on {where}"
 
 
-# ---- training --------------------------------------------------------------------------------
+# ---- training ------------------------------------------------------------------------------
+#
+# `train` checks everything and prepares the run directory; `_run` then reads top to bottom:
+# set_up (model, optimizer, state restored on resume) -> per step: train_step, evaluate when due,
+# log_row into the one MetricsLog, save when due -> finish (summary, plots, DONE).
 
 
 TRAIN_STATE = ("optimizer", "scheduler", "torch_rng", "data_rng", "step", "expert_load")  # what a checkpoint must hold
@@ -259,135 +263,185 @@ def train(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = False, al
 
 def _run(cfg: LMRunConfig, acc: Accelerator, corpus: Corpus, resumed: tuple | None, changes: dict) -> dict[str, Any]:
     """The training loop of `train`, once every check has passed and the run directory is ready."""
-    run_dir = cfg.run_dir
+    log = MetricsLog(cfg.run_dir / "metrics.jsonl", acc.is_main_process)
+    s = set_up(cfg, acc, resumed, changes, log)
+    last_step = cfg.train.stop_at or cfg.train.steps
+    bar = tqdm(total=last_step, initial=s.step, disable=not (cfg.log.progress and acc.is_main_process),
+               desc=cfg.run_name, unit="step")
+    while s.step < last_step:
+        train_loss, aux_means = train_step(s, corpus, cfg, acc)
+        bar.update(1)
+        evaluated = evaluate(s.model, corpus, cfg, acc) if s.step % cfg.log.eval_every == 0 or s.step == cfg.train.steps else {}
+        if s.step % cfg.log.log_every == 0 or s.step == last_step or evaluated:
+            row = log_row(s, evaluated, aux_means)
+            log.append(row)
+            if acc.is_main_process:
+                bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                     for k, v in row.items() if "/" not in k))
+        if s.step % cfg.log.ckpt_every == 0 or s.step == last_step:
+            save(s, cfg, acc)
+    bar.close()
+    return finish(s, cfg, acc, log)
+
+
+class MetricsLog:
+    """metrics.jsonl, the run's one log of rows: every write to it goes through here (main process only)."""
+
+    def __init__(self, path: Path, writer: bool):
+        self.path, self.writer = path, writer
+
+    def rows(self) -> list[dict]:
+        return plots.read_metrics(self.path)
+
+    def truncate(self, step: int) -> None:
+        """Forget rows logged after `step` (a resumed run is about to redo them)."""
+        if self.writer:
+            atomic_write_text(self.path, "".join(json.dumps(m) + "\n" for m in self.rows() if m["step"] <= step))
+
+    def append(self, row: dict) -> None:
+        if self.writer:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+@dataclass
+class RunState:
+    """What the loop carries from step to step; `save` puts what a resume needs into a checkpoint."""
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    data_gen: torch.Generator      # same draws on every rank; each takes its slice
+    tokens_per_step: int
+    step: int = 0
+    wall_before: float = 0.0       # wall time of earlier sessions of this run
+    win_loss: float = 0.0          # train loss summed over the steps since the last row, and their count
+    win_steps: int = 0
+    # the model's per-expert metrics (`layer{i}/tokens_per_expert`) summed since the run began, for the load heatmap
+    expert_load: dict[str, torch.Tensor] = field(default_factory=dict)
+    t_start: float = 0.0           # when this session's loop began (perf_counter)
+    t_window: float = 0.0          # when the current logging window began
+    tok_window: int = 0
+
+    def wall_s(self) -> float:
+        """Wall time of the training loop over the steps this run kept, every session of it."""
+        return self.wall_before + time.perf_counter() - self.t_start
+
+
+def set_up(cfg: LMRunConfig, acc: Accelerator, resumed: tuple | None, changes: dict, log: MetricsLog) -> RunState:
+    """Model, optimizer and schedule, with the state of `resumed` (a checkpoint) restored; prepared by accelerate."""
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg)
     opt = build_optimizer(model, cfg.train)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg.train))
-    data_gen = torch.Generator().manual_seed(cfg.train.seed)  # same draws on every rank; each takes its slice
-
-    step, wall_before, (win_loss, win_steps) = 0, 0.0, (0.0, 0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_at(i, cfg.train))
+    c = cfg.train
+    s = RunState(model, opt, sched, torch.Generator().manual_seed(c.seed),
+                 tokens_per_step=c.batch_size * c.grad_accum * acc.num_processes * c.seq_len)
     if resumed:
         path, weights, state, skipped = resumed
         model.load_state_dict(weights)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
-        data_gen.set_state(state["data_rng"])
-        step = int(state["step"])
+        s.data_gen.set_state(state["data_rng"])
+        s.step = int(state["step"])
+        s.expert_load.update(state["expert_load"])
         # checkpoints written before wall time and the loss window were kept lack them
-        wall_before, (win_loss, win_steps) = state.get("wall_s", 0.0), state.get("loss_window", (0.0, 0))
-        if acc.is_main_process:  # forget what was logged after the checkpoint; it is about to be redone
-            kept = [m for m in plots.read_metrics(run_dir / "metrics.jsonl") if m["step"] <= step]
-            atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in kept))
-            (run_dir / DONE_MARKER).unlink(missing_ok=True)
-            if changes:
-                with (run_dir / CHANGES_FILE).open("a") as f:
-                    f.write(json.dumps({"step": step, "changes": {k: list(v) for k, v in changes.items()}}) + "\n")
-            print(f"resuming from {path} (step {step})" + "".join(f"; skipped {p}" for p in skipped)
-                  + "".join(f"; {k} {a!r} -> {b!r}" for k, (a, b) in changes.items()), flush=True)
-
-    model, opt = acc.prepare(model, opt)
-    c, log = cfg.train, cfg.log
-    world, rank = acc.num_processes, acc.process_index
-    tokens_per_step = c.batch_size * c.grad_accum * world * c.seq_len
-    n_windows = len(corpus.train.tokens) - c.seq_len - 1
-    # the model's per-expert metrics (`layer{i}/tokens_per_expert`) summed since the run began (kept in
-    # checkpoints), for the load heatmap
-    expert_load: dict[str, torch.Tensor] = {}
-    if resumed:
-        expert_load.update(state["expert_load"])
-    last_step = c.stop_at or c.steps
-    metrics_file = run_dir / "metrics.jsonl"
-    bar = tqdm(total=last_step, initial=step, disable=not (log.progress and acc.is_main_process), desc=cfg.run_name, unit="step")
-    t_start = time.perf_counter()
-    t_window, tok_window, evaluated = t_start, 0, {}
-
-    def wall_s() -> float:
-        """Wall time of the training loop over the steps this run kept, every session of it."""
-        return wall_before + time.perf_counter() - t_start
-
-    def checkpoint() -> None:
-        acc.wait_for_everyone()
+        s.wall_before, (s.win_loss, s.win_steps) = state.get("wall_s", 0.0), state.get("loss_window", (0.0, 0))
+        log.truncate(s.step)
         if acc.is_main_process:
-            state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
-                     "data_rng": data_gen.get_state(), "step": step, "wall_s": wall_s(), "loss_window": (win_loss, win_steps),
-                     "expert_load": expert_load}
-            save_checkpoint(run_dir, step, acc.unwrap_model(model).state_dict(), state, keep=log.keep_checkpoints)
+            (cfg.run_dir / DONE_MARKER).unlink(missing_ok=True)
+            if changes:
+                with (cfg.run_dir / CHANGES_FILE).open("a") as f:
+                    f.write(json.dumps({"step": s.step, "changes": {k: list(v) for k, v in changes.items()}}) + "\n")
+            print(f"resuming from {path} (step {s.step})" + "".join(f"; skipped {p}" for p in skipped)
+                  + "".join(f"; {k} {a!r} -> {b!r}" for k, (a, b) in changes.items()), flush=True)
+    s.model, s.opt = acc.prepare(model, opt)
+    s.t_start = s.t_window = time.perf_counter()
+    return s
 
-    while step < last_step:
-        # one flat draw for the global batch, so 1 process x 2b and 2 processes x b see the same windows
-        starts = torch.randint(n_windows, (c.grad_accum * world * c.batch_size,), generator=data_gen)
-        starts = starts.view(c.grad_accum, world, c.batch_size)[:, rank]
-        loss_sum, aux_sum = torch.zeros(()), {}  # aux: the model's scalar aux losses and metrics, summed
-        for micro in range(c.grad_accum):
-            x, y, _ = sample_windows(corpus.train, starts[micro], c.seq_len)
-            sync = micro == c.grad_accum - 1
-            with acc.no_sync(model) if not sync else nullcontext(), acc.autocast():
-                out = model(x.to(acc.device), y.to(acc.device))
-                objective = out.loss + sum(out.aux_losses.values(), torch.zeros((), device=out.loss.device))
-                acc.backward(objective / c.grad_accum)
-            loss_sum += out.loss.detach().float().cpu()
-            for k, v in {**out.aux_losses, **out.aux_metrics}.items():
-                if v.numel() == 1:
-                    aux_sum[k] = aux_sum.get(k, 0) + v.detach().float()
-                else:  # per-expert vectors go to the heatmap, not the log line
-                    expert_load[k] = expert_load.get(k, 0) + v.float().cpu()
-        # mean over micro-batches and ranks: the logged values are the global batch's, and every rank sees a NaN
-        means = acc.reduce(torch.stack([loss_sum.to(acc.device), *aux_sum.values()]) / c.grad_accum,
-                           reduction="mean").tolist()
-        train_loss, aux_means = means[0], dict(zip(aux_sum, means[1:]))
-        if not math.isfinite(train_loss):
-            good = latest_checkpoint(run_dir)
-            raise NonFiniteLoss(f"loss became {train_loss} at step {step + 1}; stopped. "
-                                f"Last good checkpoint: {good if good else 'none yet'}")
-        if c.grad_clip > 0:
-            acc.clip_grad_norm_(model.parameters(), c.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        acc.unwrap_model(model).after_optimizer_step()
-        step += 1
-        tok_window += tokens_per_step
-        win_loss, win_steps = win_loss + train_loss, win_steps + 1
-        bar.update(1)
 
-        if step % log.eval_every == 0 or step == c.steps:
-            evaluated = evaluate(model, corpus, cfg, acc)
-        if step % log.log_every == 0 or step == last_step or evaluated:
-            now = time.perf_counter()
-            # train_loss: the mean over the steps since the last row
-            row = {"step": step, "tokens": step * tokens_per_step, "train_loss": round(win_loss / win_steps, 5),
-                   "lr": sched.get_last_lr()[0], "tokens_per_s": round(tok_window / (now - t_window), 1)}
-            row.update(evaluated)
-            row.update({k: round(v, 6) for k, v in aux_means.items()})
-            if acc.is_main_process:
-                with metrics_file.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-                bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                     for k, v in row.items() if "/" not in k))
-            t_window, tok_window, evaluated, win_loss, win_steps = now, 0, {}, 0.0, 0
-        if step % log.ckpt_every == 0 or step == last_step:
-            checkpoint()
-    wall = wall_s()
-    bar.close()
+def train_step(s: RunState, corpus: Corpus, cfg: LMRunConfig, acc: Accelerator) -> tuple[float, dict[str, float]]:
+    """One optimizer step on a fresh global batch; returns its train loss and the model's scalar aux values
+    (means over micro-batches and ranks). Raises NonFiniteLoss, naming the last good checkpoint."""
+    c, world = cfg.train, acc.num_processes
+    # one flat draw for the global batch, so 1 process x 2b and 2 processes x b see the same windows
+    n_windows = len(corpus.train.tokens) - c.seq_len - 1
+    starts = torch.randint(n_windows, (c.grad_accum * world * c.batch_size,), generator=s.data_gen)
+    starts = starts.view(c.grad_accum, world, c.batch_size)[:, acc.process_index]
+    loss_sum, aux_sum = torch.zeros(()), {}  # aux: the model's scalar aux losses and metrics, summed
+    for micro in range(c.grad_accum):
+        x, y, _ = sample_windows(corpus.train, starts[micro], c.seq_len)
+        sync = micro == c.grad_accum - 1
+        with acc.no_sync(s.model) if not sync else nullcontext(), acc.autocast():
+            out = s.model(x.to(acc.device), y.to(acc.device))
+            objective = out.loss + sum(out.aux_losses.values(), torch.zeros((), device=out.loss.device))
+            acc.backward(objective / c.grad_accum)
+        loss_sum += out.loss.detach().float().cpu()
+        for k, v in {**out.aux_losses, **out.aux_metrics}.items():
+            if v.numel() == 1:
+                aux_sum[k] = aux_sum.get(k, 0) + v.detach().float()
+            else:  # per-expert vectors go to the heatmap, not the log line
+                s.expert_load[k] = s.expert_load.get(k, 0) + v.float().cpu()
+    # mean over micro-batches and ranks: the logged values are the global batch's, and every rank sees a NaN
+    means = acc.reduce(torch.stack([loss_sum.to(acc.device), *aux_sum.values()]) / c.grad_accum, reduction="mean").tolist()
+    train_loss, aux_means = means[0], dict(zip(aux_sum, means[1:]))
+    if not math.isfinite(train_loss):
+        good = latest_checkpoint(cfg.run_dir)
+        raise NonFiniteLoss(f"loss became {train_loss} at step {s.step + 1}; stopped. "
+                            f"Last good checkpoint: {good if good else 'none yet'}")
+    if c.grad_clip > 0:
+        acc.clip_grad_norm_(s.model.parameters(), c.grad_clip)
+    s.opt.step()
+    s.sched.step()
+    s.opt.zero_grad(set_to_none=True)
+    acc.unwrap_model(s.model).after_optimizer_step()
+    s.step += 1
+    s.tok_window += s.tokens_per_step
+    s.win_loss, s.win_steps = s.win_loss + train_loss, s.win_steps + 1
+    return train_loss, aux_means
 
-    metrics = plots.read_metrics(metrics_file) if acc.is_main_process else []
-    summary = {"run_dir": str(run_dir), "step": step, "finished": step == c.steps}
-    base = acc.unwrap_model(model)
-    summary.update(params=base.num_parameters(), active_params=base.active_parameters(),
-                   flops_per_token=base.flops_per_token(c.seq_len))
+
+def log_row(s: RunState, evaluated: dict[str, float], aux_means: dict[str, float]) -> dict[str, Any]:
+    """The metrics row of this step (train_loss: the mean over the steps since the last row; `evaluated`: what
+    `evaluate` returned, when it ran this step); starts a new window."""
+    now = time.perf_counter()
+    row = {"step": s.step, "tokens": s.step * s.tokens_per_step, "train_loss": round(s.win_loss / s.win_steps, 5),
+           "lr": s.sched.get_last_lr()[0], "tokens_per_s": round(s.tok_window / (now - s.t_window), 1)}
+    row.update(evaluated)
+    row.update({k: round(v, 6) for k, v in aux_means.items()})
+    s.t_window, s.tok_window, s.win_loss, s.win_steps = now, 0, 0.0, 0
+    return row
+
+
+def save(s: RunState, cfg: LMRunConfig, acc: Accelerator) -> None:
+    """A checkpoint of the weights and everything a resume needs to continue exactly."""
+    acc.wait_for_everyone()
     if acc.is_main_process:
+        state = {"optimizer": s.opt.state_dict(), "scheduler": s.sched.state_dict(), "torch_rng": torch.get_rng_state(),
+                 "data_rng": s.data_gen.get_state(), "step": s.step, "wall_s": s.wall_s(),
+                 "loss_window": (s.win_loss, s.win_steps), "expert_load": s.expert_load}
+        save_checkpoint(cfg.run_dir, s.step, acc.unwrap_model(s.model).state_dict(), state, keep=cfg.log.keep_checkpoints)
+
+
+def finish(s: RunState, cfg: LMRunConfig, acc: Accelerator, log: MetricsLog) -> dict[str, Any]:
+    """The run's summary (also summary.json), its plots, and the DONE marker once every step ran."""
+    wall, run_dir = s.wall_s(), cfg.run_dir
+    summary = {"run_dir": str(run_dir), "step": s.step, "finished": s.step == cfg.train.steps}
+    base = acc.unwrap_model(s.model)
+    summary.update(params=base.num_parameters(), active_params=base.active_parameters(),
+                   flops_per_token=base.flops_per_token(cfg.train.seq_len))
+    if acc.is_main_process:
+        metrics = log.rows()
         vals = [m["val_loss"] for m in metrics if "val_loss" in m]
         speeds = [m["tokens_per_s"] for m in metrics[1:]] or [m["tokens_per_s"] for m in metrics]
         # tokens_per_s: the whole run's throughput; the median logging window (first left out) is steadier but flatters
-        summary.update(final_val_loss=vals[-1] if vals else None, tokens=step * tokens_per_step, wall_s=round(wall, 6),
-                       tokens_per_s=round(step * tokens_per_step / wall, 1),
+        summary.update(final_val_loss=vals[-1] if vals else None, tokens=s.step * s.tokens_per_step, wall_s=round(wall, 6),
+                       tokens_per_s=round(s.step * s.tokens_per_step / wall, 1),
                        tokens_per_s_median_window=statistics.median(speeds))
         plots.loss_curve(metrics, run_dir / "loss.png", cfg.run_name)
-        if expert_load:
-            rows = [(load / load.sum()).tolist() for load in expert_load.values()]
-            plots.heatmap(rows, [k.split("/")[0] for k in expert_load], "expert", run_dir / "expert_load.png",
+        if s.expert_load:
+            rows = [(load / load.sum()).tolist() for load in s.expert_load.values()]
+            plots.heatmap(rows, [k.split("/")[0] for k in s.expert_load], "expert", run_dir / "expert_load.png",
                           "share of routed tokens per expert", "share")
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
         if summary["finished"]:
