@@ -40,6 +40,7 @@ from train.checkpoint import (DONE_MARKER, CheckpointError, RunDirError, atomic_
 from train.config import ConfigError, load_config, to_yaml
 from train import warmstart
 from train.data import Corpus, DataConfig, Tokenizer, build_corpus, build_tokenizer, sample_windows
+from train.evaluation import evaluate
 from train.sampling import domain_samples
 
 # ---- config -------------------------------------------------------------------------------
@@ -80,13 +81,12 @@ class OptimConfig:
 class LogConfig:
     log_every: int = 10
     eval_every: int = 100
-    eval_batches: int = 8           # validation windows: eval_batches global batches at fixed positions
     ckpt_every: int = 200
     keep_checkpoints: int = 3       # the newest kept; resume falls back to an older one when the newest does not load
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("log_every", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints"):
+        for name in ("log_every", "eval_every", "ckpt_every", "keep_checkpoints"):
             check(getattr(self, name) >= 1, f"log.{name}={getattr(self, name)} must be >= 1")
 
 
@@ -207,25 +207,6 @@ def build_optimizer(model: torch.nn.Module, c: OptimConfig) -> torch.optim.AdamW
     other = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": c.weight_decay}, {"params": other, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=c.lr, betas=(c.beta1, c.beta2), fused=False)
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, corpus: Corpus, cfg: LMRunConfig, acc: Accelerator) -> dict[str, float]:
-    """The evaluation's entries of a metrics row: `val_loss`, the mean validation loss over fixed, evenly
-    spaced windows, split across processes."""
-    n = cfg.log.eval_batches * cfg.train.batch_size * acc.num_processes  # eval_batches global batches
-    hi = len(corpus.val.tokens) - cfg.train.seq_len - 1
-    starts = torch.linspace(0, hi, n).long()[acc.process_index::acc.num_processes]
-    model.eval()
-    total = torch.zeros(2)
-    for chunk in starts.split(cfg.train.batch_size):
-        x, y, _ = sample_windows(corpus.val, chunk, cfg.train.seq_len)
-        with acc.autocast():
-            out = model(x.to(acc.device), y.to(acc.device))
-        total += torch.tensor([out.loss.float().item() * len(chunk), len(chunk)])
-    model.train()
-    total = acc.reduce(total.to(acc.device), reduction="sum").cpu()
-    return {"val_loss": round((total[0] / total[1]).item(), 5)}
 
 
 class NonFiniteLoss(RuntimeError):

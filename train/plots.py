@@ -75,3 +75,19 @@ def bar_chart(names: list[str], means: list[float], stds: list[float], out: Path
     fig.tight_layout()
     fig.savefig(out, dpi=90)
     plt.close(fig)
+
+
+def intervals(labels: list[str], means: list[float], los: list[float], his: list[float], out: Path, title: str,
+              xlabel: str) -> None:
+    """One row per label: the mean as a dot and its interval as a bar, with a line at 0."""
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(labels) + 1.4))
+    y = list(range(len(labels)))[::-1]
+    ax.errorbar(means, y, xerr=[[m - lo for m, lo in zip(means, los)], [hi - m for m, hi in zip(means, his)]],
+                fmt="o", capsize=4, color="tab:blue")
+    ax.axvline(0, color="grey", lw=1)
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.set(xlabel=xlabel, title=title)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
