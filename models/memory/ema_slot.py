@@ -123,37 +123,49 @@ class EMASlotMemory(nn.Module):
         x_BSD = x if x.dim() == 3 else x.unsqueeze(0)
         x_TD = x_BSD.reshape(-1, cfg.d_model)
         q_TQ = F.rms_norm(self.query(x_TD), (cfg.key_dim,))   # RMS 1 per token
-        scores_TL = q_TQ @ self.keys.to(q_TQ.dtype).t() / math.sqrt(cfg.key_dim)
-        scores_TL = scores_TL.float().masked_fill(~self.filled, torch.finfo(torch.float32).min)
-        top_TK, slot_TK = scores_TL.topk(cfg.top_k, dim=-1)
-        valid_TK = self.filled[slot_TK]
-        # empty slots get weight 0; a token with no filled slot among its k reads nothing
-        weights_TK = F.softmax(top_TK, dim=-1) * valid_TK
+        keys_LQ = self.keys.to(q_TQ.dtype)
+        with torch.no_grad():  # the search: every slot scored, no autograd over the (T, L) scores
+            dots_TL = q_TQ @ keys_LQ.t()
+            if not self.filled.all():
+                dots_TL = dots_TL.masked_fill(~self.filled, torch.finfo(dots_TL.dtype).min)
+            slot_TK = dots_TL.topk(cfg.top_k, dim=-1, sorted=False).indices
+            valid_TK = self.filled[slot_TK]
+        # the k chosen scores again, with autograd; empty slots get weight 0, and a token with no
+        # filled slot among its k reads nothing
+        scores_TK = torch.einsum("tq,tkq->tk", q_TQ, keys_LQ[slot_TK]).float() / math.sqrt(cfg.key_dim)
+        scores_TK = scores_TK.masked_fill(~valid_TK, torch.finfo(torch.float32).min)
+        weights_TK = F.softmax(scores_TK, dim=-1) * valid_TK
         read_TD = F.embedding_bag(slot_TK, self.values, mode="sum", per_sample_weights=weights_TK)
         y_TD = self.output(x_TD, read_TD)
         with torch.no_grad():
             metrics = self.reads.metrics(self.reads.count(slot_TK[valid_TK]))
             metrics["filled"] = self.filled.float().mean()
             if self.training:
-                metrics["write_match"] = self.queue_writes(q_TQ.view(*x_BSD.shape[:2], -1), x_BSD)
+                B, S = x_BSD.shape[:2]
+                slot_BS = self.nearest_slot(q_TQ, dots_TL).view(B, S)
+                metrics["write_match"] = self.queue_writes(q_TQ.view(B, S, -1), x_BSD, slot_BS)
         return y_TD.view(x.shape), MemoryAux(metrics)
 
     # ---- writing -------------------------------------------------------------------------
 
-    def nearest_slot(self, key_NQ: torch.Tensor) -> torch.Tensor:
-        """For each key, the filled slot of highest cosine similarity if it reaches the threshold, else -1."""
-        sim_NL = F.normalize(key_NQ, dim=-1) @ F.normalize(self.keys, dim=-1).t()
-        sim_NL = sim_NL.masked_fill(~self.filled, -2.0)  # below any cosine
+    def nearest_slot(self, key_NQ: torch.Tensor, dots_NL: torch.Tensor) -> torch.Tensor:
+        """For each key, the filled slot of highest cosine similarity if it reaches the threshold, else -1.
+        `dots_NL`: the keys' dot products with the slot keys (the read computed them already); the
+        key's own norm does not change which slot is nearest, so only the slot norms scale them."""
+        sim_NL = dots_NL * self.keys.norm(dim=-1).clamp_min(1e-12).reciprocal()
+        if not self.filled.all():
+            sim_NL = sim_NL.masked_fill(~self.filled, torch.finfo(sim_NL.dtype).min)
         best_N, slot_N = sim_NL.max(dim=-1)
-        return torch.where(best_N >= self.cfg.threshold, slot_N, -1)
+        cos_N = best_N / key_NQ.norm(dim=-1).clamp_min(1e-12)
+        return torch.where(self.filled[slot_N] & (cos_N >= self.cfg.threshold), slot_N, -1)
 
     @torch.no_grad()
-    def queue_writes(self, q_BSQ: torch.Tensor, x_BSD: torch.Tensor) -> torch.Tensor:
+    def queue_writes(self, q_BSQ: torch.Tensor, x_BSD: torch.Tensor, slot_BS: torch.Tensor) -> torch.Tensor:
         """Queue this forward's writes (key: query at s, value: input at s + 1) with their target
-        slots, matched against the table as it is now; returns the share that merge."""
+        slots (`slot_BS`, matched against the table as it is now); returns the share that merge."""
         key_NQ = q_BSQ[:, :-1].reshape(-1, q_BSQ.shape[-1]).to(self.keys.dtype)
         value_ND = x_BSD[:, 1:].reshape(-1, x_BSD.shape[-1]).to(self.values.dtype)
-        slot_N = self.nearest_slot(key_NQ)
+        slot_N = slot_BS[:, :-1].reshape(-1)
         self.queue.append((key_NQ, value_ND, slot_N))
         return (slot_N >= 0).float().mean() if slot_N.numel() else slot_N.new_zeros((), dtype=torch.float32)
 
