@@ -24,6 +24,7 @@ import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -59,10 +60,30 @@ def layer_configs(name: str) -> dict[str, object]:
     return out
 
 
-def train_step(model: nn.Module, x: torch.Tensor, g: torch.Tensor) -> None:
-    step(model, x, g)
-    if hasattr(model, "after_optimizer_step"):
-        model.after_optimizer_step()
+def train_step(model: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Callable[[], None]:
+    """One training step of the layer alone: fresh gradients, forward + backward, then the
+    layer's `after_optimizer_step` (where the EMA slot memory applies its writes)."""
+    def run() -> None:
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        step(model, x, g)
+        if hasattr(model, "after_optimizer_step"):
+            model.after_optimizer_step()
+    return run
+
+
+def interleaved(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each fn over `repeats` rounds, candidates round-robin within a round,
+    after two untimed calls each (allocator, oneDNN kernels; they also fill the EMA table)."""
+    for f in fns.values():
+        f(), f()
+    times = {n: [] for n in fns}
+    for _ in range(repeats):
+        for n, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[n].append(time.perf_counter() - t0)
+    return times
 
 
 def main() -> None:
@@ -86,17 +107,7 @@ def main() -> None:
             models[f"dense_floor_{kind}"] = SwiGLU(D, round(models[kind].active_parameters() / (3 * D)))
         x = torch.randn(args.tokens // 16, 16, D, requires_grad=True)  # sequences of 16 tokens
         g = torch.randn_like(x)
-        for m in models.values():  # warm up (allocator, oneDNN kernels); fills the EMA table
-            for _ in range(2):
-                train_step(m, x, g)
-        times = {n: [] for n in models}
-        for _ in range(args.repeats):
-            for n, m in models.items():
-                m.zero_grad(set_to_none=True)
-                x.grad = None
-                t0 = time.perf_counter()
-                train_step(m, x, g)
-                times[n].append(time.perf_counter() - t0)
+        times = interleaved({n: train_step(m, x, g) for n, m in models.items()}, args.repeats)
         med = {n: statistics.median(t) * 1e3 for n, t in times.items()}
         peak = {n: peak_bytes(m, x, g) / 2**20 for n, m in models.items()}
         for kind in LAYERS:
