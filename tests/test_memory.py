@@ -2,7 +2,10 @@
 the EMA write rule on hand-made inputs, causality in the toy LM, exact save and resume."""
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -340,3 +343,23 @@ def test_trainer_resume_is_exact_and_logs_the_memory_metrics(tmp_path, kind):
     for k in weights[0]:
         assert torch.equal(weights[0][k], weights[1][k]), k
     assert int(weights[0]["blocks.1.ffn.reads.step"]) == 20
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_write_the_same_table_as_one_process(tmp_path):
+    """Each rank queues the writes of its half of the global batch; the step applies both halves in rank
+    order, which is the order one process sees them in, so the tables match a one-process run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    common = [str(TINY), *SMALL["ema_slot"], "train.steps=8", "log.log_every=1", "log.eval_every=4", "log.ckpt_every=8"]
+    one = subprocess.run([sys.executable, "-m", "train.lm", *common, f"out_dir={tmp_path}/one", "train.batch_size=8"],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+                          "-m", "train.lm", *common, f"out_dir={tmp_path}/two", "train.batch_size=4"],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = (ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / d / "tiny"))[0] for d in ("one", "two"))
+    assert torch.equal(a["blocks.1.ffn.filled"], b["blocks.1.ffn.filled"])
+    for name in ("keys", "values", "usage"):
+        torch.testing.assert_close(a[f"blocks.1.ffn.{name}"], b[f"blocks.1.ffn.{name}"], atol=1e-4, rtol=1e-4)
+    assert torch.equal(a["blocks.1.ffn.reads.last_read"], b["blocks.1.ffn.reads.last_read"])
