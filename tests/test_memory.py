@@ -2,10 +2,7 @@
 the EMA write rule on hand-made inputs, causality in the toy LM, exact save and resume."""
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -34,7 +31,7 @@ SMALL = {"pkm": ["model.ffn=pkm", "model.first_k_dense=1", "pkm.n_keys=16", "pkm
 
 def exhaustive_topk(q_THQ, subkeys_H2NQ, k):
     """Score all N*N full keys [c1_i | c2_j] of every head, entry i * N + j, and take the k best."""
-    H, _, N, half = subkeys_H2NQ.shape
+    N = subkeys_H2NQ.shape[2]
     full_HEQ = torch.cat([subkeys_H2NQ[:, 0].repeat_interleave(N, dim=1), subkeys_H2NQ[:, 1].repeat(1, N, 1)], dim=-1)
     return torch.einsum("thq,heq->the", q_THQ, full_HEQ).topk(k, dim=-1)
 
@@ -199,7 +196,7 @@ def test_ema_forward_queues_next_position_values_matched_against_the_table():
     y, aux = m(x)
     assert not torch.equal(y, torch.zeros_like(y))
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    (key, value, slot), = m.queue
+    (_, value, slot), = m.queue
     assert torch.equal(value, x[0, 1:]), "a position writes the next position's input"
     assert slot.tolist() == [0, 3], "[3, .1] is nearest slot 0 ([1, 0]), [0, -2] slot 3 ([0, -1])"
     assert aux.metrics["write_match"] == 1.0
@@ -346,18 +343,11 @@ def test_trainer_resume_is_exact_and_logs_the_memory_metrics(tmp_path, kind):
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_write_the_same_table_as_one_process(tmp_path):
+def test_ddp_two_processes_write_the_same_table_as_one_process(tmp_path, one_and_two_processes):
     """Each rank queues the writes of its half of the global batch; the step applies both halves in rank
     order, which is the order one process sees them in, so the tables match a one-process run."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    common = [str(TINY), *SMALL["ema_slot"], "train.steps=8", "log.log_every=1", "log.eval_every=4", "log.ckpt_every=8"]
-    one = subprocess.run([sys.executable, "-m", "train.lm", *common, f"out_dir={tmp_path}/one", "train.batch_size=8"],
-                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-                          "-m", "train.lm", *common, f"out_dir={tmp_path}/two", "train.batch_size=4"],
-                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-2000:]
+    one_and_two_processes([str(TINY), *SMALL["ema_slot"], "train.steps=8", "log.log_every=1", "log.eval_every=4",
+                           "log.ckpt_every=8"], 8, 29531)
     a, b = (ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / d / "tiny"))[0] for d in ("one", "two"))
     assert torch.equal(a["blocks.1.ffn.filled"], b["blocks.1.ffn.filled"])
     for name in ("keys", "values", "usage"):

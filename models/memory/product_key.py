@@ -20,7 +20,6 @@ use BatchNorm, whose training statistics would mix positions and sequences).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
