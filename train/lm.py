@@ -29,6 +29,8 @@ from accelerate.utils import DistributedDataParallelKwargs
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from models.memory.ema_slot import EMASlotConfig, EMASlotMemory
+from models.memory.product_key import ProductKeyConfig, ProductKeyMemory
 from models.moe import MoE, MoEConfig
 from models.transformer import Transformer, TransformerConfig
 from models.upcycle import Upcycling
@@ -90,6 +92,10 @@ class LogConfig:
             check(getattr(self, name) >= 1, f"log.{name}={getattr(self, name)} must be >= 1")
 
 
+# model.ffn -> the sparse layer it builds, from the run config's section of the same name
+SPARSE_FFN = {"moe": MoE, "pkm": ProductKeyMemory, "ema_slot": EMASlotMemory}
+
+
 @dataclass
 class LMRunConfig:
     run_name: str = "lm"
@@ -97,6 +103,9 @@ class LMRunConfig:
     model: TransformerConfig = field(default_factory=TransformerConfig)
     # used by the layers model.ffn=moe makes sparse; its d_model is the model's, set by build_model
     moe: MoEConfig = field(default_factory=lambda: MoEConfig(d_model=None))
+    # the same for model.ffn=pkm (product-key memory) and model.ffn=ema_slot (EMA slot memory)
+    pkm: ProductKeyConfig = field(default_factory=lambda: ProductKeyConfig(d_model=None))
+    ema_slot: EMASlotConfig = field(default_factory=lambda: EMASlotConfig(d_model=None))
     data: DataConfig = field(default_factory=DataConfig)
     train: OptimConfig = field(default_factory=OptimConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -122,8 +131,10 @@ class LMRunConfig:
         else:
             check(self.model.vocab_size == self.data.bpe_vocab_size,
                   f"model.vocab_size={self.model.vocab_size} must equal data.bpe_vocab_size={self.data.bpe_vocab_size}")
-        check(self.moe.d_model in (None, self.model.d_model),
-              f"moe.d_model={self.moe.d_model} must be left unset: the MoE layers take model.d_model={self.model.d_model}")
+        for key in SPARSE_FFN:
+            width = getattr(self, key).d_model
+            check(width in (None, self.model.d_model),
+                  f"{key}.d_model={width} must be left unset: the {key} layers take model.d_model={self.model.d_model}")
 
     @property
     def run_dir(self) -> Path:
@@ -172,7 +183,10 @@ def resume_changes(cfg: LMRunConfig, allow_changes: bool) -> dict[str, tuple[Any
 
 
 def build_model(cfg: LMRunConfig) -> Transformer:
-    return Transformer(cfg.model, ffn_factory=lambda layer: MoE(replace(cfg.moe, d_model=cfg.model.d_model)))
+    if cfg.model.ffn == "dense":
+        return Transformer(cfg.model)
+    layer, layer_cfg = SPARSE_FFN[cfg.model.ffn], getattr(cfg, cfg.model.ffn)
+    return Transformer(cfg.model, ffn_factory=lambda i: layer(replace(layer_cfg, d_model=cfg.model.d_model)))
 
 
 TOKENIZER_FILE = "tokenizer.json"  # in the run directory of a BPE run
