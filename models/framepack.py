@@ -221,16 +221,28 @@ class FramePack(nn.Module):
         anchor = self._tokens(ctx.anchor_BHW[:, None], [ctx.anchor_t], self.fine) + self.kind_anchor
         return torch.cat([anchor, self.pack(ctx.past_BNHW, ctx.past_t), self.pack(ctx.future_BNHW, ctx.future_t)], dim=1)
 
+    @staticmethod
+    def nearest_frame(ctx: Context) -> torch.Tensor:
+        """(B, H, W): the known frame nearest in time to the section (past, future or anchor; the past wins ties)."""
+        candidates = [(abs(ctx.anchor_t), 2, ctx.anchor_BHW)]
+        if ctx.past_t:
+            candidates.append((abs(ctx.past_t[0]), 0, ctx.past_BNHW[:, 0]))
+        if ctx.future_t:
+            candidates.append((abs(ctx.future_t[0]), 1, ctx.future_BNHW[:, 0]))
+        return min(candidates, key=lambda c: c[:2])[2]
+
     def forward(self, ctx: Context) -> torch.Tensor:
-        """(B, S, H, W): the section's frames."""
+        """(B, S, H, W): the section's frames. Its query tokens start from the nearest known frame (as a diffusion
+        model's start from noisy latents), and the output is a change to that frame."""
         c, g, p = self.cfg, self.cfg.grid, self.cfg.patch
         cond_BTD = self.context(ctx)
-        B = cond_BTD.shape[0]
-        q = (self.query + self._positions(list(range(c.section)), self.fine)).expand(B, -1, -1)
-        x = self.blocks(torch.cat([cond_BTD, q], dim=1))
+        B, S = cond_BTD.shape[0], c.section
+        near_BHW = self.nearest_frame(ctx)
+        seed_BTD = self._tokens(near_BHW[:, None].expand(-1, S, -1, -1), list(range(S)), self.fine)
+        x = self.blocks(torch.cat([cond_BTD, seed_BTD + self.query], dim=1))
         y = self.head(self.norm(x[:, cond_BTD.shape[1]:]))  # (B, S*g*g, p*p)
-        y = y.view(B, c.section, g, g, p, p).permute(0, 1, 2, 4, 3, 5)
-        return y.reshape(B, c.section, g * p, g * p)
+        y = y.view(B, S, g, g, p, p).permute(0, 1, 2, 4, 3, 5)
+        return near_BHW[:, None] + y.reshape(B, S, g * p, g * p)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
