@@ -16,7 +16,9 @@ import argparse
 import json
 import shutil
 import statistics
+import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +36,7 @@ from train.framepack.data import Videos, videos_for_seeds  # noqa: E402
 from train.framepack.evaluate import DRIFT_SHARE, drift, frame_measures, save_strip, sharpness  # noqa: E402
 from train.framepack.sampling import ORDERS, rollout, section_starts  # noqa: E402
 from train.framepack.train import FramePackRunConfig, NonFiniteLoss, load_trained, train  # noqa: E402
+from train.lm import config_changes  # noqa: E402
 
 ARMS = ("packed", "reference")
 MEASURES = ("mse", "centroid_err", "sharpness", "binarity", "count_err")
@@ -55,6 +58,7 @@ class ResultsConfig:
     long_lengths: list[int] = field(default_factory=lambda: [64, 128])  # the packed model only
     timing_lengths: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
     strip_videos: int = 3                   # videos shown in each rollout strip
+    jobs: int = 1                           # trainings at once (each its own process, one torch thread)
 
     def __post_init__(self) -> None:
         check_run_name(self.run_name)
@@ -62,36 +66,63 @@ class ResultsConfig:
         check(self.n_videos >= 2, f"n_videos={self.n_videos} must be >= 2 (the spread over videos needs two)")
         check(1 <= self.strip_videos <= self.n_videos, f"strip_videos={self.strip_videos} must be in [1, n_videos={self.n_videos}]")
         check(len(self.timing_lengths) >= 2, f"timing_lengths={self.timing_lengths} must name at least two lengths")
+        check(self.jobs >= 1, f"jobs={self.jobs} must be >= 1")
 
     @property
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.run_name
 
 
-def trainer_configs(rc: ResultsConfig, config_path: Path) -> dict[tuple[str, int], FramePackRunConfig]:
-    """Every (arm, seed)'s trainer config; ConfigError naming the file, and videos that do not split into sections."""
+def trainer_configs(rc: ResultsConfig, config_path: Path) -> dict[tuple[str, int], tuple[FramePackRunConfig, Path, list[str]]]:
+    """Every (arm, seed)'s trainer config, file and overrides; ConfigError naming the file, and for video lengths
+    that do not split into sections."""
     out = {}
     for arm, name in (("packed", rc.packed), ("reference", rc.reference)):
         for seed in rc.seeds:
-            cfg = load_config(FramePackRunConfig, config_path.parent / name,
-                              [*rc.overrides, f"train.seed={seed}", f"run_name={arm}_seed{seed}", f"out_dir={rc.run_dir}"])
+            path = config_path.parent / name
+            overrides = [*rc.overrides, f"train.seed={seed}", f"run_name={arm}_seed{seed}", f"out_dir={rc.run_dir}"]
+            cfg = load_config(FramePackRunConfig, path, overrides)
             lengths = [rc.short_length] + (rc.long_lengths if arm == "packed" else []) + rc.timing_lengths
             for n in lengths:
                 try:
                     section_starts(n, cfg.train.prompt, cfg.model.section)
                 except ValueError as e:
                     raise ConfigError(f"{arm} ({name}): {e}") from None
-            out[arm, seed] = cfg
+            out[arm, seed] = (cfg, path, overrides)
     return out
 
 
-def ensure_trained(cfg: FramePackRunConfig) -> None:
-    """Train the run unless it finished; an unfinished run with a checkpoint resumes."""
-    if (cfg.run_dir / DONE_MARKER).is_file():
+def needs_training(cfg: FramePackRunConfig) -> bool:
+    """False for a finished run of this very config; RunDirError for a finished run of another config."""
+    if not (cfg.run_dir / DONE_MARKER).is_file():
+        return True
+    saved = load_config(FramePackRunConfig, cfg.run_dir / "config.yaml")
+    changes = config_changes(saved, cfg)
+    if changes:
+        raise RunDirError(f"{cfg.run_dir} finished with another config ({', '.join(changes)} differ); "
+                          "delete it, or give the results another run_name")
+    return False
+
+
+def train_all(cfgs: list[FramePackRunConfig], config_files: list[Path], overrides: list[list[str]], jobs: int) -> None:
+    """Train every unfinished run (an unfinished run with a checkpoint resumes), `jobs` processes at a time."""
+    todo = [i for i, cfg in enumerate(cfgs) if needs_training(cfg)]
+    if jobs == 1:
+        for i in todo:
+            resume = bool(checkpoint_candidates(cfgs[i].run_dir))
+            print(f"{'resuming' if resume else 'training'} {cfgs[i].run_dir}", flush=True)
+            train(cfgs[i], resume=resume, overwrite=not resume)
         return
-    resume = bool(checkpoint_candidates(cfg.run_dir))
-    print(f"{'resuming' if resume else 'training'} {cfg.run_dir}", flush=True)
-    train(cfg, resume=resume, overwrite=not resume)
+
+    def one(i: int) -> int:
+        flag = "--resume" if checkpoint_candidates(cfgs[i].run_dir) else "--overwrite"
+        print(f"training {cfgs[i].run_dir} ({flag})", flush=True)
+        return subprocess.run([sys.executable, "-m", "train.framepack.train", str(config_files[i]), *overrides[i], flag,
+                               "log.progress=false"], stdout=subprocess.DEVNULL).returncode
+    with ThreadPoolExecutor(jobs) as pool:
+        failed = [cfgs[i].run_dir for i, rc in zip(todo, pool.map(one, todo)) if rc != 0]
+    if failed:
+        raise RunDirError(f"training failed for {', '.join(map(str, failed))}; run them alone to see why")
 
 
 def measure(pred_BLHW: torch.Tensor, truth: Videos, prompt: int) -> dict[str, list]:
@@ -329,12 +360,12 @@ def claims(rc: ResultsConfig, per_seed: dict, S) -> list[str]:
 
 
 def run(rc: ResultsConfig, config_path: Path, out: Path, command: str) -> str:
-    cfgs = trainer_configs(rc, config_path)  # every config error before any work
+    runs = trainer_configs(rc, config_path)  # every config error before any work
+    cfgs = {k: v[0] for k, v in runs.items()}
     with run_dir_lock(rc.run_dir):
         mark_run_dir(rc.run_dir)
         atomic_write_text(rc.run_dir / "results_config.yaml", to_yaml(rc))
-        for cfg in cfgs.values():
-            ensure_trained(cfg)
+        train_all(*map(list, zip(*runs.values())), rc.jobs)
         per_seed, info = {}, {a: {"val": [], "wall": [], "params": 0} for a in ARMS}
         for seed in rc.seeds:
             models = {a: load_trained(cfgs[a, seed].run_dir) for a in ARMS}
