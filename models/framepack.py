@@ -17,6 +17,10 @@ The coarse patchifiers start as the fine one with each weight spread over its bl
 divided by the block's volume, i.e. the fine patchifier applied to the average-pooled
 input (FramePack initialises its 2x/4x projections the same way).
 
+The section's query tokens start from the known frame nearest to it, and the output is a
+change to that frame: a plain regression (MSE) by default, or (`head: flow`) rectified flow from
+noise, sampled in `flow_steps` Euler steps, so sections are drawn rather than averaged.
+
 Positions: fixed sinusoidal encodings of (time relative to the section's first frame,
 row, column) on the fine token grid. A compressed token gets the mean of the encodings
 its kernel covers, so it keeps its true (average) time position. Relative times are
@@ -38,6 +42,8 @@ from torch import nn
 from models.validate import check
 
 # ---- config ------------------------------------------------------------------------------------
+
+HEADS = ("regression", "flow")
 
 
 @dataclass
@@ -62,6 +68,8 @@ class FramePackConfig:
     n_layer: int = 4
     n_head: int = 4
     ffn_hidden: int = 256
+    head: str = "regression"    # "regression": the section itself (MSE) | "flow": a few-step flow-matching sampler
+    flow_steps: int = 4         # head=flow: Euler steps per sampled section
 
     def __post_init__(self) -> None:
         check(self.patch >= 1 and self.frame_size % self.patch == 0,
@@ -84,6 +92,8 @@ class FramePackConfig:
         check(self.d_model % self.n_head == 0 and self.d_model % 8 == 0,
               f"model.d_model={self.d_model} must be a multiple of 8 and of model.n_head={self.n_head}")
         check(self.n_layer >= 1 and self.ffn_hidden >= 1, "model.n_layer and model.ffn_hidden must be >= 1")
+        check(self.head in HEADS, f"model.head={self.head!r} must be one of {HEADS}")
+        check(self.flow_steps >= 1, f"model.flow_steps={self.flow_steps} must be >= 1")
 
     @property
     def grid(self) -> int:
@@ -166,6 +176,9 @@ class FramePack(nn.Module):
         self.blocks = nn.TransformerEncoder(layer, cfg.n_layer, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(D)
         self.head = nn.Linear(D, p * p)
+        if cfg.head == "flow":  # the noisy section and the flow time enter the query tokens
+            self.noisy = nn.Conv3d(1, D, self.fine, stride=self.fine)
+            self.flow_time = nn.Linear(D, D)
         self.reset_coarse_patchifiers()
 
     @torch.no_grad()
@@ -231,18 +244,49 @@ class FramePack(nn.Module):
             candidates.append((abs(ctx.future_t[0]), 1, ctx.future_BNHW[:, 0]))
         return min(candidates, key=lambda c: c[:2])[2]
 
-    def forward(self, ctx: Context) -> torch.Tensor:
-        """(B, S, H, W): the section's frames. Its query tokens start from the nearest known frame (as a diffusion
-        model's start from noisy latents), and the output is a change to that frame."""
+    def forward(self, ctx: Context, noisy_BSHW: torch.Tensor | None = None, t_B: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, S, H, W): the predicted change to the known frame nearest the section. Its query tokens start from
+        that frame (as a diffusion model's start from noisy latents); with the flow head they also carry the noisy
+        change `noisy_BSHW` at flow time `t_B`."""
         c, g, p = self.cfg, self.cfg.grid, self.cfg.patch
         cond_BTD = self.context(ctx)
         B, S = cond_BTD.shape[0], c.section
         near_BHW = self.nearest_frame(ctx)
-        seed_BTD = self._tokens(near_BHW[:, None].expand(-1, S, -1, -1), list(range(S)), self.fine)
-        x = self.blocks(torch.cat([cond_BTD, seed_BTD + self.query], dim=1))
+        q_BTD = self._tokens(near_BHW[:, None].expand(-1, S, -1, -1), list(range(S)), self.fine) + self.query
+        if c.head == "flow":
+            noisy = self.noisy(noisy_BSHW.reshape(B * S, 1, 1, *noisy_BSHW.shape[-2:]))  # (B*S, D, 1, g, g)
+            q_BTD = q_BTD + noisy.flatten(2).transpose(1, 2).reshape(B, -1, c.d_model)
+            q_BTD = q_BTD + self.flow_time(sincos(1000 * t_B, c.d_model))[:, None]
+        x = self.blocks(torch.cat([cond_BTD, q_BTD], dim=1))
         y = self.head(self.norm(x[:, cond_BTD.shape[1]:]))  # (B, S*g*g, p*p)
         y = y.view(B, S, g, g, p, p).permute(0, 1, 2, 4, 3, 5)
-        return near_BHW[:, None] + y.reshape(B, S, g * p, g * p)
+        return y.reshape(B, S, g * p, g * p)
+
+    def loss(self, ctx: Context, target_BSHW: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+        """Training loss of one section: MSE of the predicted change from the nearest known frame. Flow: the
+        change is predicted from a noisy copy at a uniform flow time (rectified flow with a clean-target output,
+        so the narrow tokens need not carry the noise through)."""
+        change = target_BSHW - self.nearest_frame(ctx)[:, None]
+        if self.cfg.head == "regression":
+            return F.mse_loss(self(ctx), change)
+        noise = torch.randn(change.shape, generator=gen)
+        t_B = torch.rand(change.shape[0], generator=gen)
+        t = t_B[:, None, None, None]
+        return F.mse_loss(self(ctx, (1 - t) * noise + t * change, t_B), change)
+
+    @torch.no_grad()
+    def predict(self, ctx: Context, gen: torch.Generator | None = None) -> torch.Tensor:
+        """(B, S, H, W) the section in [0, 1]: the regression output, or `flow_steps` Euler steps from noise along
+        the velocity (predicted change - x) / (1 - t)."""
+        near = self.nearest_frame(ctx)[:, None]
+        if self.cfg.head == "regression":
+            return (near + self(ctx)).clamp(0, 1)
+        B, S, n = near.shape[0], self.cfg.section, self.cfg.flow_steps
+        x = torch.randn((B, S, *near.shape[-2:]), generator=gen)
+        for k in range(n):
+            t = k / n
+            x = x + (self(ctx, x, torch.full((B,), t)) - x) / (1 - t) / n
+        return (near + x).clamp(0, 1)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -157,3 +157,16 @@ def test_rollout_fills_every_frame_and_counts_bounded_tokens():
         assert r.video_BLHW.shape == (2, 64, 32, 32) and len(r.context_tokens) == 31
         assert torch.equal(r.video_BLHW[:, :2], prompt)
         assert max(r.context_tokens) <= m.cfg.context_tokens(22, 22)
+
+
+def test_flow_head_samples_in_range_reproducibly_and_leaves_regression_alone():
+    torch.manual_seed(0)
+    flow = FramePack(FramePackConfig(**SMALL, head="flow", flow_steps=3)).eval()
+    reg = model()
+    assert set(flow.state_dict()) - set(reg.state_dict()) == {"noisy.weight", "noisy.bias", "flow_time.weight", "flow_time.bias"}
+    prompt = torch.rand(2, 2, 32, 32)
+    a, b, c = (rollout(flow, prompt, 8, "causal", seed=s).video_BLHW for s in (1, 1, 2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.min() >= 0 and a.max() <= 1
+    ctx = gather_context(torch.rand(2, 10, 32, 32), [t < 6 for t in range(10)], 6, reg)
+    torch.testing.assert_close(reg.predict(ctx), (reg.nearest_frame(ctx)[:, None] + reg(ctx)).clamp(0, 1))

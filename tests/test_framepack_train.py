@@ -87,8 +87,9 @@ def smoke(tmp_path, *overrides):
     return load_config(FramePackRunConfig, SMOKE, [f"out_dir={tmp_path}", *overrides])
 
 
-def test_tiny_training_run_lowers_the_loss(tmp_path):
-    cfg = smoke(tmp_path, "train.steps=40", "log.eval_every=20")
+@pytest.mark.parametrize("head", ["regression", "flow"])
+def test_tiny_training_run_lowers_the_loss(tmp_path, head):
+    cfg = smoke(tmp_path, "train.steps=40", "log.eval_every=20", f"model.head={head}")
     summary = train(cfg)
     rows = read_metrics(cfg.run_dir / "metrics.jsonl")
     assert rows[-1]["train_loss"] < 0.6 * rows[0]["train_loss"]

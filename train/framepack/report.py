@@ -51,6 +51,7 @@ class ResultsConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     packed: str = "base.yaml"               # trainer config of the packed model, relative to this file
     reference: str = "full_context.yaml"    # trainer config of the no-packing reference
+    reference_seeds: list[int] | None = None  # seeds of the reference, some of `seeds` (None: all of them)
     overrides: list[str] = field(default_factory=list)  # key=value applied to both trainer configs
     n_videos: int = 16                      # test videos (the same for every seed)
     video_seed: int = 20_000                # test video i is simulated from seed video_seed + i
@@ -67,6 +68,12 @@ class ResultsConfig:
         check(1 <= self.strip_videos <= self.n_videos, f"strip_videos={self.strip_videos} must be in [1, n_videos={self.n_videos}]")
         check(len(self.timing_lengths) >= 2, f"timing_lengths={self.timing_lengths} must name at least two lengths")
         check(self.jobs >= 1, f"jobs={self.jobs} must be >= 1")
+        check(self.reference_seeds is None or (len(self.reference_seeds) >= 1 and set(self.reference_seeds) <= set(self.seeds)),
+              f"reference_seeds={self.reference_seeds} must be some of seeds={self.seeds}")
+
+    @property
+    def ref_seeds(self) -> list[int]:
+        return self.seeds if self.reference_seeds is None else [s for s in self.seeds if s in self.reference_seeds]
 
     @property
     def run_dir(self) -> Path:
@@ -77,8 +84,8 @@ def trainer_configs(rc: ResultsConfig, config_path: Path) -> dict[tuple[str, int
     """Every (arm, seed)'s trainer config, file and overrides; ConfigError naming the file, and for video lengths
     that do not split into sections."""
     out = {}
-    for arm, name in (("packed", rc.packed), ("reference", rc.reference)):
-        for seed in rc.seeds:
+    for arm, name, seeds in (("packed", rc.packed, rc.seeds), ("reference", rc.reference, rc.ref_seeds)):
+        for seed in seeds:
             path = config_path.parent / name
             overrides = [*rc.overrides, f"train.seed={seed}", f"run_name={arm}_seed{seed}", f"out_dir={rc.run_dir}"]
             cfg = load_config(FramePackRunConfig, path, overrides)
@@ -115,6 +122,8 @@ def train_all(cfgs: list[FramePackRunConfig], config_files: list[Path], override
         return
 
     def one(i: int) -> int:
+        if not needs_training(cfgs[i]):  # finished meanwhile, by another process
+            return 0
         flag = "--resume" if checkpoint_candidates(cfgs[i].run_dir) else "--overwrite"
         print(f"training {cfgs[i].run_dir} ({flag})", flush=True)
         return subprocess.run([sys.executable, "-m", "train.framepack.train", str(config_files[i]), *overrides[i], flag,
@@ -139,14 +148,14 @@ def measure(pred_BLHW: torch.Tensor, truth: Videos, prompt: int) -> dict[str, li
 def evaluate_seed(rc: ResultsConfig, models: dict, seed: int) -> dict:
     """Rollouts of every arm and order on the test videos, their measures, strips and timings."""
     packed, cfg = models["packed"]
-    reference, ref_cfg = models["reference"]
+    reference = models["reference"][0] if "reference" in models else None
     prompt = cfg.train.prompt
     longest = max([rc.short_length, *rc.long_lengths, *rc.timing_lengths])
     truth = videos_for_seeds(cfg.data, cfg.model.frame_size, longest, [rc.video_seed + i for i in range(rc.n_videos)])
     out: dict = {"quality": {}, "timing": {}}
     for L in [rc.short_length, *rc.long_lengths]:
         rows = {"truth": truth.frames_BLHW[:rc.strip_videos, :L]}
-        arms = [(o, packed, o) for o in ORDERS] + ([("reference", reference, "causal")] if L == rc.short_length else [])
+        arms = [(o, packed, o) for o in ORDERS] + ([("reference", reference, "causal")] if L == rc.short_length and reference else [])
         for name, model, order in arms:
             video = rollout(model, truth.frames_BLHW[:, :prompt], L, order).video_BLHW
             out["quality"][f"{name}@{L}"] = measure(video, truth, prompt)
@@ -154,8 +163,8 @@ def evaluate_seed(rc: ResultsConfig, models: dict, seed: int) -> dict:
         out["quality"][f"truth@{L}"] = {"sharpness": {"curve": sharpness(truth.frames_BLHW[:, :L]).mean(0).tolist()}}
         save_strip(rc.run_dir / f"seed{seed}" / f"rollouts_len{L}.png", rows,
                    f"seed {seed}: {L} frames from {prompt} true ones; packed model in each order" +
-                   (", and the no-packing reference" if L == rc.short_length else ""))
-    for name, model in (("packed", packed), ("reference", reference)):
+                   (", and the no-packing reference" if L == rc.short_length and reference else ""))
+    for name, model in (("packed", packed), ("reference", reference)) if reference else (("packed", packed),):
         for L in rc.timing_lengths:
             r = rollout(model, truth.frames_BLHW[:1, :prompt], L, "causal")
             out["timing"][f"{name}@{L}"] = {"tokens_max": max(r.context_tokens), "tokens_mean": statistics.mean(r.context_tokens),
@@ -173,16 +182,17 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
 def summarise(per_seed: dict[int, dict], key: str, measure_: str, field_: str) -> dict[str, float]:
     """Mean over seeds of the per-seed mean over videos, its std over seeds, and the mean std over videos."""
     seed_means, video_stds = [], []
-    for res in per_seed.values():
+    for res in (r for r in per_seed.values() if key in r["quality"]):
         vals = res["quality"][key][measure_][field_]
         seed_means.append(statistics.mean(vals))
         video_stds.append(statistics.stdev(vals))
     m, s = mean_std(seed_means)
-    return {"mean": m, "seed_std": s, "video_std": statistics.mean(video_stds)}
+    return {"mean": m, "seed_std": s, "video_std": statistics.mean(video_stds), "seeds": len(seed_means)}
 
 
 def fmt(s: dict[str, float], digits: int = 3) -> str:
-    return f"{s['mean']:.{digits}f} ± {s['seed_std']:.{digits}f} ({s['video_std']:.{digits}f})"
+    spread = f" ± {s['seed_std']:.{digits}f}" if s["seeds"] > 1 else " (1 seed)"
+    return f"{s['mean']:.{digits}f}{spread} ({s['video_std']:.{digits}f})"
 
 
 def compare(a: dict[str, float], b: dict[str, float]) -> str:
@@ -201,7 +211,8 @@ def curves_figure(per_seed: dict[int, dict], L: int, names: list[str], out: Path
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
     for ax, m in zip(axes, ("mse", "centroid_err", "sharpness", "binarity")):
         for name in names:
-            curves = torch.tensor([res["quality"][f"{name}@{L}"][m]["curve"] for res in per_seed.values()]).mean(0)
+            curves = torch.tensor([res["quality"][f"{name}@{L}"][m]["curve"] for res in per_seed.values()
+                                   if f"{name}@{L}" in res["quality"]]).mean(0)
             ax.plot(curves, label=name)
         if m == "sharpness":
             truth = torch.tensor([res["quality"][f"truth@{L}"]["sharpness"]["curve"] for res in per_seed.values()]).mean(0)
@@ -218,8 +229,9 @@ def curves_figure(per_seed: dict[int, dict], L: int, names: list[str], out: Path
 def timing_figure(per_seed: dict[int, dict], lengths: list[int], out: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for name in ARMS:
-        tok = [per_seed[next(iter(per_seed))]["timing"][f"{name}@{L}"]["tokens_max"] for L in lengths]
-        ms = [statistics.mean(res["timing"][f"{name}@{L}"]["ms_per_frame"] for res in per_seed.values()) for L in lengths]
+        runs = [res["timing"] for res in per_seed.values() if f"{name}@{lengths[0]}" in res["timing"]]
+        tok = [runs[0][f"{name}@{L}"]["tokens_max"] for L in lengths]
+        ms = [statistics.mean(r[f"{name}@{L}"]["ms_per_frame"] for r in runs) for L in lengths]
         axes[0].plot(lengths, tok, "o-", label=name)
         axes[1].plot(lengths, ms, "o-", label=name)
     axes[0].set(xlabel="video length (frames)", ylabel="context tokens (largest step)", title="context tokens")
@@ -243,7 +255,7 @@ def write_page(rc: ResultsConfig, cfgs: dict, per_seed: dict[int, dict], train_i
     shutil.copy(rc.run_dir / f"seed{first}" / f"rollouts_len{longest}.png", fig_dir / f"rollouts_len{longest}.png")
     shutil.copy(rc.run_dir / f"seed{first}" / f"rollouts_len{rc.short_length}.png", fig_dir / f"rollouts_len{rc.short_length}.png")
     S = lambda key, m, f="per_video": summarise(per_seed, key, m, f)  # noqa: E731
-    pc, rcf = cfgs["packed", first], cfgs["reference", first]
+    pc, rcf = cfgs["packed", first], cfgs["reference", rc.ref_seeds[0]]
     lines = [
         "# FramePack at toy scale: packed context and anti-drifting sampling",
         "",
@@ -260,12 +272,14 @@ def write_page(rc: ResultsConfig, cfgs: dict, per_seed: dict[int, dict], train_i
         f"- **Packed model** (`{rc.packed}`): {train_info['packed']['params']:,} parameters, fine patches "
         f"{pc.model.patch}x{pc.model.patch} ({pc.model.grid ** 2} tokens per frame); each side of the section packed as "
         + ", ".join(f"{st.frames} frame(s) through kernel {tuple(st.kernel)}" for st in pc.model.schedule)
-        + f"; at most {pc.model.context_tokens(pc.model.max_side_frames, pc.model.max_side_frames)} context tokens. "
-        f"One model per seed, trained {pc.train.steps} steps on {pc.train.clip_len}-frame clips on the contexts of all "
+        + (f"; at most {pc.model.context_tokens(pc.model.max_side_frames, pc.model.max_side_frames)} context tokens. "
+           if pc.model.max_side_frames is not None else "; no bound on the context. ")
+        + f"One model per seed, trained {pc.train.steps} steps on {pc.train.clip_len}-frame clips on the contexts of all "
         f"three orders; final validation MSE {train_info['packed']['val']}, training time {train_info['packed']['wall']} per seed.",
         f"- **Reference** (`{rc.reference}`): the same network without packing (every past frame at full resolution), "
         f"causal only, trained {rcf.train.steps} steps on {rcf.train.clip_len}-frame clips; judged on {rc.short_length}-frame "
-        f"videos. Final validation MSE {train_info['reference']['val']}, training time {train_info['reference']['wall']} per seed.",
+        f"videos; seeds {', '.join(map(str, rc.ref_seeds))}. Final validation MSE {train_info['reference']['val']}, "
+        f"training time {train_info['reference']['wall']} per seed.",
         f"- **Orders** (`train/framepack/sampling.py`): *causal* (first to last), *bidirectional* (first and last section "
         "first, then the sections between, each seeing the packed past and the generated end), *inverted* (last to first, "
         "each section seeing the anchor and the packed future).",
@@ -296,7 +310,7 @@ def write_page(rc: ResultsConfig, cfgs: dict, per_seed: dict[int, dict], train_i
     for L in rc.timing_lengths:
         cells = []
         for a in ARMS:
-            t = [r["timing"][f"{a}@{L}"] for r in per_seed.values()]
+            t = [r["timing"][f"{a}@{L}"] for r in per_seed.values() if f"{a}@{L}" in r["timing"]]
             ms = mean_std([x["ms_per_frame"] for x in t])
             cells += [str(t[0]["tokens_max"]), f"{ms[0]:.1f} ± {ms[1]:.1f}"]
         lines.append(f"| {L} | " + " | ".join(cells) + " |")
@@ -346,10 +360,10 @@ def claims(rc: ResultsConfig, per_seed: dict, S) -> list[str]:
             f"{than(ref['mse'], 'the reference')} and its centroid error {than(ref['centroid_err'], 'the reference')} "
             f"({S(f'causal@{sl}', 'mse')['mean']:.4f} vs {S(f'reference@{sl}', 'mse')['mean']:.4f}; "
             f"{S(f'causal@{sl}', 'centroid_err')['mean']:.2f} vs {S(f'reference@{sl}', 'centroid_err')['mean']:.2f} px)."]
-    t = per_seed[rc.seeds[0]]["timing"]
     lo, hi = min(rc.timing_lengths), max(rc.timing_lengths)
-    tok = {a: (t[f"{a}@{lo}"]["tokens_max"], t[f"{a}@{hi}"]["tokens_max"]) for a in ARMS}
-    ms = {a: [statistics.mean(r["timing"][f"{a}@{L_}"]["ms_per_frame"] for r in per_seed.values()) for L_ in (lo, hi)] for a in ARMS}
+    timings = {a: [r["timing"] for r in per_seed.values() if f"{a}@{lo}" in r["timing"]] for a in ARMS}
+    tok = {a: (timings[a][0][f"{a}@{lo}"]["tokens_max"], timings[a][0][f"{a}@{hi}"]["tokens_max"]) for a in ARMS}
+    ms = {a: [statistics.mean(t[f"{a}@{L_}"]["ms_per_frame"] for t in timings[a]) for L_ in (lo, hi)] for a in ARMS}
     out += [f"4. **Bounded context**: from {lo} to {hi} frames the packed model's largest context goes from {tok['packed'][0]} to "
             f"{tok['packed'][1]} tokens ({'bounded: holds' if tok['packed'][1] <= max(tok['packed'][0], 1) * 2 else 'grows'}), "
             f"the reference's from {tok['reference'][0]} to {tok['reference'][1]}; time per generated frame "
@@ -368,8 +382,8 @@ def run(rc: ResultsConfig, config_path: Path, out: Path, command: str) -> str:
         train_all(*map(list, zip(*runs.values())), rc.jobs)
         per_seed, info = {}, {a: {"val": [], "wall": [], "params": 0} for a in ARMS}
         for seed in rc.seeds:
-            models = {a: load_trained(cfgs[a, seed].run_dir) for a in ARMS}
-            for a in ARMS:
+            models = {a: load_trained(cfgs[a, seed].run_dir) for a in ARMS if (a, seed) in cfgs}
+            for a in models:
                 s = json.loads((cfgs[a, seed].run_dir / "summary.json").read_text())
                 info[a]["val"].append(s["final_val_loss"])
                 info[a]["wall"].append(s["wall_s"])

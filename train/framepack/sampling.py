@@ -83,19 +83,19 @@ class Rollout:
 
 
 @torch.no_grad()
-def rollout(model: FramePack, prompt_BPHW: torch.Tensor, length: int, order: str) -> Rollout:
-    """Generate `length` frames from the prompt in `order`; predictions are clipped to [0, 1]."""
+def rollout(model: FramePack, prompt_BPHW: torch.Tensor, length: int, order: str, seed: int = 0) -> Rollout:
+    """Generate `length` frames from the prompt in `order` (`seed`: the noise of a flow head)."""
     B, P, H, W = prompt_BPHW.shape
     S = model.cfg.section
     starts = section_starts(length, P, S)
     video = prompt_BPHW.new_zeros(B, length, H, W)
     video[:, :P] = prompt_BPHW
     known = [t < P for t in range(length)]
-    tokens, t0 = [], time.perf_counter()
+    tokens, t0, gen = [], time.perf_counter(), torch.Generator().manual_seed(seed)
     for k in section_order(order, len(starts)):
         s = starts[k]
         ctx = gather_context(video, known, s, model)
         tokens.append(model.cfg.context_tokens(len(ctx.past_t), len(ctx.future_t)))
-        video[:, s:s + S] = model(ctx).clamp(0, 1)
+        video[:, s:s + S] = model.predict(ctx, gen)
         known[s:s + S] = [True] * S
     return Rollout(video, tokens, time.perf_counter() - t0)

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from models.framepack import FramePack, FramePackConfig
@@ -97,12 +96,11 @@ TRAIN_STATE = ("optimizer", "scheduler", "torch_rng", "data_rng", "step")
 
 
 def batch_loss(model: FramePack, cfg: FramePackRunConfig, gen: torch.Generator, modes: list[str]) -> torch.Tensor:
-    """Mean squared error of one micro-batch: fresh clips and a context of one of `modes`, drawn from `gen`."""
+    """The model's loss on one micro-batch: fresh clips and a context of one of `modes`, drawn from `gen`."""
     c = cfg.train
     clips = simulate(cfg.data, cfg.model.frame_size, c.clip_len, gen, c.batch_size).frames_BLHW
     start, known = draw_known(gen, c.clip_len, c.prompt, cfg.model.section, modes)
-    pred = model(gather_context(clips, known, start, model))
-    return F.mse_loss(pred, clips[:, start:start + cfg.model.section])
+    return model.loss(gather_context(clips, known, start, model), clips[:, start:start + cfg.model.section], gen)
 
 
 @torch.no_grad()
