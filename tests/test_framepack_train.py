@@ -142,3 +142,8 @@ def test_results_page_end_to_end(tmp_path):
     report.run(rc, report.Path("configs/framepack/results_smoke.yaml"), out, "cmd")
     assert json.loads((rc.run_dir / "results.json").read_text())["0"]["quality"] == results["0"]["quality"]
     assert (rc.run_dir / "packed_seed0" / "DONE").stat().st_mtime == mtime
+    # a finished run of another config is never silently reused
+    changed = load_config(report.ResultsConfig, "configs/framepack/results_smoke.yaml",
+                          [f"out_dir={tmp_path}", f"overrides=[{','.join(rc.overrides)},train.lr=0.01]"])
+    with pytest.raises(RunDirError, match="train.lr"):
+        report.run(changed, report.Path("configs/framepack/results_smoke.yaml"), out, "cmd")

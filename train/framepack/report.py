@@ -288,6 +288,11 @@ def write_page(rc: ResultsConfig, cfgs: dict, per_seed: dict[int, dict], train_i
         "neighbour difference), binarity (share of lit pixels that are not grey) and the error in the number of connected "
         f"objects. **Drift** = |mean over the first {DRIFT_SHARE:.0%} of generated frames - mean over the last {DRIFT_SHARE:.0%}|, "
         "per video.",
+        f"- **Head**: {pc.model.head}. A regression head predicts the conditional mean, so where the context does not fix "
+        "a frame (far from every known frame) it predicts a blur; FramePack's claims are about a generative model whose "
+        "samples stay sharp. The few-step flow-matching head (`model.head=flow`) is the toy version of that; it is "
+        "implemented and tested, and measured here only if the configs above select it.",
+        "- Training times are wall-clock; the runs shared a loaded 2-core machine, side by side (`jobs`).",
         "- Cells read `mean ± std over seeds (std over videos)`.",
         "",
     ]
