@@ -15,7 +15,7 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def loss_curve(metrics: list[dict], out: Path, title: str = "") -> None:
+def loss_curve(metrics: list[dict], out: Path, title: str = "", ylabel: str = "loss (nats/token)") -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     train = [(m["step"], m["train_loss"]) for m in metrics if "train_loss" in m]
     val = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
@@ -23,7 +23,7 @@ def loss_curve(metrics: list[dict], out: Path, title: str = "") -> None:
         ax.plot(*zip(*train), label="train", alpha=0.7)
     if val:
         ax.plot(*zip(*val), "o-", label="validation")
-    ax.set(xlabel="step", ylabel="loss (nats/token)", title=title)
+    ax.set(xlabel="step", ylabel=ylabel, title=title)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
