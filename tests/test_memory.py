@@ -353,3 +353,18 @@ def test_ddp_two_processes_write_the_same_table_as_one_process(tmp_path, one_and
     for name in ("keys", "values", "usage"):
         torch.testing.assert_close(a[f"blocks.1.ffn.{name}"], b[f"blocks.1.ffn.{name}"], atol=1e-4, rtol=1e-4)
     assert torch.equal(a["blocks.1.ffn.reads.last_read"], b["blocks.1.ffn.reads.last_read"])
+
+
+def test_memory_ablation_compares_at_equal_active_weights_and_equal_table_sizes():
+    from train.sweep import load_sweep
+    sweep = load_sweep(ROOT / "configs/ablations/memory.yaml")
+    models = {r.variant: build_model(load_config(LMRunConfig, sweep.config, r.overrides))
+              for r in sweep.runs() if r.seed == sweep.seeds[0]}
+    active = {v: m.active_parameters() for v, m in models.items()}
+    assert active["moe"] == active["pkm"] == active["ema_slot"]
+    assert abs(active["dense"] / active["moe"] - 1) < 0.011   # the sparse blocks add a router or a query
+    layer1 = {v: sum(p.numel() for p in models[v].blocks[1].ffn.parameters()) for v in ("moe", "pkm", "ema_slot")}
+    ema = models["ema_slot"].blocks[1].ffn
+    layer1["ema_slot"] += ema.keys.numel() + ema.values.numel()   # written, not trained
+    assert max(layer1.values()) / min(layer1.values()) < 1.025
+    assert abs(models["dense_wide"].num_parameters() / models["moe"].num_parameters() - 1) < 0.001
