@@ -29,13 +29,13 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from benchmarks.moe_layer import peak_bytes, step
+from benchmarks.moe_layer import interleaved, peak_bytes, step
 from models.memory.ema_slot import EMASlotConfig, EMASlotMemory
 from models.memory.product_key import ProductKeyConfig, ProductKeyMemory
 from models.transformer import SwiGLU
 from train.config import load_config
 from train.lm import LMRunConfig
-from train.sweep import load_sweep
+from train.sweep.spec import load_sweep
 
 ABLATION = Path(__file__).resolve().parents[1] / "configs/ablations/memory.yaml"
 WIDE = {  # the width of benchmarks.moe_layer (256); a 65,536-entry product-key table (16.8M values)
@@ -70,20 +70,6 @@ def train_step(model: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Callable[[
         if hasattr(model, "after_optimizer_step"):
             model.after_optimizer_step()
     return run
-
-
-def interleaved(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
-    """Seconds per call of each fn over `repeats` rounds, candidates round-robin within a round,
-    after two untimed calls each (allocator, oneDNN kernels; they also fill the EMA table)."""
-    for f in fns.values():
-        f(), f()
-    times = {n: [] for n in fns}
-    for _ in range(repeats):
-        for n, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[n].append(time.perf_counter() - t0)
-    return times
 
 
 def main() -> None:

@@ -356,7 +356,7 @@ def test_ddp_two_processes_write_the_same_table_as_one_process(tmp_path, one_and
 
 
 def test_memory_ablation_compares_at_equal_active_weights_and_equal_table_sizes():
-    from train.sweep import load_sweep
+    from train.sweep.spec import load_sweep
     sweep = load_sweep(ROOT / "configs/ablations/memory.yaml")
     models = {r.variant: build_model(load_config(LMRunConfig, sweep.config, r.overrides))
               for r in sweep.runs() if r.seed == sweep.seeds[0]}
