@@ -36,7 +36,8 @@ from train.framepack.data import Videos, videos_for_seeds  # noqa: E402
 from train.framepack.evaluate import DRIFT_SHARE, drift, frame_measures, save_strip, sharpness  # noqa: E402
 from train.framepack.sampling import ORDERS, rollout, section_starts  # noqa: E402
 from train.framepack.train import FramePackRunConfig, NonFiniteLoss, load_trained, train  # noqa: E402
-from train.lm import config_changes  # noqa: E402
+from train import plots  # noqa: E402
+from train.lm import CHANGES_FILE, config_changes  # noqa: E402
 
 ARMS = ("packed", "reference")
 MEASURES = ("mse", "centroid_err", "sharpness", "binarity", "count_err")
@@ -292,7 +293,10 @@ def write_page(rc: ResultsConfig, cfgs: dict, per_seed: dict[int, dict], train_i
         "a frame (far from every known frame) it predicts a blur; FramePack's claims are about a generative model whose "
         "samples stay sharp. The few-step flow-matching head (`model.head=flow`) is the toy version of that; it is "
         "implemented and tested, and measured here only if the configs above select it.",
-        "- Training times are wall-clock; the runs shared a loaded 2-core machine, side by side (`jobs`).",
+        "- Training times are wall-clock; the runs shared a loaded 2-core machine, side by side (`jobs`)."
+        + ("".join(f" {c}." for a in ARMS for c in train_info[a]["changes"])
+           + " (A resumed run's learning-rate schedule follows its new length from then on.)"
+           if any(train_info[a]["changes"] for a in ARMS) else ""),
         "- Cells read `mean ± std over seeds (std over videos)`.",
         "",
     ]
@@ -320,7 +324,7 @@ def write_page(rc: ResultsConfig, cfgs: dict, per_seed: dict[int, dict], train_i
             cells += [str(t[0]["tokens_max"]), f"{ms[0]:.1f} ± {ms[1]:.1f}"]
         lines.append(f"| {L} | " + " | ".join(cells) + " |")
     lines += ["", f"![context and time]({out.stem}/context_and_time.png)", ""]
-    lines += claims(rc, per_seed, S)
+    lines += claims(rc, per_seed, S, (pc.train.steps, rcf.train.steps))
     lines += ["", "## Figures", "",
               f"![per-frame measures, {longest} frames]({out.stem}/curves_len{longest}.png)", "",
               f"![per-frame measures, {rc.short_length} frames]({out.stem}/curves_len{rc.short_length}.png)", "",
@@ -332,7 +336,7 @@ def write_page(rc: ResultsConfig, cfgs: dict, per_seed: dict[int, dict], train_i
     return text
 
 
-def claims(rc: ResultsConfig, per_seed: dict, S) -> list[str]:
+def claims(rc: ResultsConfig, per_seed: dict, S, steps: tuple[int, int]) -> list[str]:
     """The page's verdicts, each computed from the numbers above (a gap counts when it exceeds both seed spreads)."""
     L = max(rc.long_lengths) if rc.long_lengths else rc.short_length
     out = ["## Which FramePack claims hold at this scale", ""]
@@ -364,7 +368,9 @@ def claims(rc: ResultsConfig, per_seed: dict, S) -> list[str]:
     out += [f"3. **Packing costs little against full context** ({sl}-frame videos, causal): the packed MSE is "
             f"{than(ref['mse'], 'the reference')} and its centroid error {than(ref['centroid_err'], 'the reference')} "
             f"({S(f'causal@{sl}', 'mse')['mean']:.4f} vs {S(f'reference@{sl}', 'mse')['mean']:.4f}; "
-            f"{S(f'causal@{sl}', 'centroid_err')['mean']:.2f} vs {S(f'reference@{sl}', 'centroid_err')['mean']:.2f} px)."]
+            f"{S(f'causal@{sl}', 'centroid_err')['mean']:.2f} vs {S(f'reference@{sl}', 'centroid_err')['mean']:.2f} px)."
+            + (f" The reference trained {steps[1]} steps and the packed model {steps[0]}, so this comparison is not even; "
+               "it is no verdict on packing." if steps[0] != steps[1] else "")]
     lo, hi = min(rc.timing_lengths), max(rc.timing_lengths)
     timings = {a: [r["timing"] for r in per_seed.values() if f"{a}@{lo}" in r["timing"]] for a in ARMS}
     tok = {a: (timings[a][0][f"{a}@{lo}"]["tokens_max"], timings[a][0][f"{a}@{hi}"]["tokens_max"]) for a in ARMS}
@@ -385,7 +391,7 @@ def run(rc: ResultsConfig, config_path: Path, out: Path, command: str) -> str:
         mark_run_dir(rc.run_dir)
         atomic_write_text(rc.run_dir / "results_config.yaml", to_yaml(rc))
         train_all(*map(list, zip(*runs.values())), rc.jobs)
-        per_seed, info = {}, {a: {"val": [], "wall": [], "params": 0} for a in ARMS}
+        per_seed, info = {}, {a: {"val": [], "wall": [], "params": 0, "changes": []} for a in ARMS}
         for seed in rc.seeds:
             models = {a: load_trained(cfgs[a, seed].run_dir) for a in ARMS if (a, seed) in cfgs}
             for a in models:
@@ -393,11 +399,15 @@ def run(rc: ResultsConfig, config_path: Path, out: Path, command: str) -> str:
                 info[a]["val"].append(s["final_val_loss"])
                 info[a]["wall"].append(s["wall_s"])
                 info[a]["params"] = s["params"]
+                history = cfgs[a, seed].run_dir / CHANGES_FILE
+                info[a]["changes"] += [f"{cfgs[a, seed].run_name} resumed at step {c['step']} with "
+                                       + ", ".join(f"{k} {x} -> {y}" for k, (x, y) in c["changes"].items())
+                                       for c in plots.read_metrics(history)]
             with torch.no_grad():
                 per_seed[seed] = evaluate_seed(rc, models, seed)
             print(f"evaluated seed {seed}", flush=True)
         atomic_write_text(rc.run_dir / "results.json", json.dumps(per_seed))
-    train_info = {a: {"params": info[a]["params"],
+    train_info = {a: {"params": info[a]["params"], "changes": info[a]["changes"],
                       "val": "{:.4f} ± {:.4f}".format(*mean_std(info[a]["val"])),
                       "wall": "{:.0f} ± {:.0f} s".format(*mean_std(info[a]["wall"]))} for a in ARMS}
     return write_page(rc, cfgs, per_seed, train_info, out, command)
