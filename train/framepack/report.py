@@ -188,7 +188,7 @@ def summarise(per_seed: dict[int, dict], key: str, measure_: str, field_: str) -
         seed_means.append(statistics.mean(vals))
         video_stds.append(statistics.stdev(vals))
     m, s = mean_std(seed_means)
-    return {"mean": m, "seed_std": s, "video_std": statistics.mean(video_stds), "seeds": len(seed_means)}
+    return {"mean": m, "seed_std": s, "video_std": statistics.mean(video_stds), "seeds": len(seed_means), "videos": len(vals)}
 
 
 def fmt(s: dict[str, float], digits: int = 3) -> str:
@@ -197,9 +197,12 @@ def fmt(s: dict[str, float], digits: int = 3) -> str:
 
 
 def compare(a: dict[str, float], b: dict[str, float]) -> str:
-    """'lower', 'higher' or 'tied' (the gap is within both seed spreads together): a against b."""
+    """'lower', 'higher' or 'tied' (the gap is within both seed spreads together, or, where one side has a single
+    seed, within both standard errors over videos): a against b."""
     gap = a["mean"] - b["mean"]
-    if abs(gap) <= a["seed_std"] + b["seed_std"]:
+    single = min(a["seeds"], b["seeds"]) < 2
+    noise = (a["video_std"] / a["videos"] ** 0.5 + b["video_std"] / b["videos"] ** 0.5) if single else 0.0
+    if abs(gap) <= a["seed_std"] + b["seed_std"] + noise:
         return "tied"
     return "lower" if gap < 0 else "higher"
 
@@ -350,6 +353,14 @@ def claims(rc: ResultsConfig, per_seed: dict, S, steps: tuple[int, int]) -> list
 
     verdicts = {o: [compare(S(f"{o}@{L}", m, "drift"), S(f"causal@{L}", m, "drift")) for m in QUALITY]
                 for o in ("bidirectional", "inverted")}
+    last = max(1, round(DRIFT_SHARE * (L - 2)))
+    end_sharp = statistics.mean(statistics.mean(r["quality"][f"causal@{L}"]["sharpness"]["curve"][-last:]) for r in per_seed.values())
+    true_sharp = statistics.mean(statistics.mean(r["quality"][f"truth@{L}"]["sharpness"]["curve"][-last:]) for r in per_seed.values())
+    if end_sharp > 2 * true_sharp:
+        out += [f"The rollouts do not stay on the data: by the last {DRIFT_SHARE:.0%} of the {L}-frame videos the causal "
+                f"frames' sharpness is {end_sharp / true_sharp:.1f}x the truth's, which is pixel noise, not crisp shapes "
+                "(see the strips below). The model is too weakly trained for the drift comparisons below to say much "
+                "about FramePack; they compare rollouts that all fail.", ""]
     holds = {o: v.count("lower") for o, v in verdicts.items()}
     out += [f"1. **Anti-drifting orders drift less than vanilla causal generation** ({L}-frame videos). Drift per measure: "
             + "; ".join(drift_line(m) for m in QUALITY) + ". "
@@ -375,8 +386,10 @@ def claims(rc: ResultsConfig, per_seed: dict, S, steps: tuple[int, int]) -> list
     timings = {a: [r["timing"] for r in per_seed.values() if f"{a}@{lo}" in r["timing"]] for a in ARMS}
     tok = {a: (timings[a][0][f"{a}@{lo}"]["tokens_max"], timings[a][0][f"{a}@{hi}"]["tokens_max"]) for a in ARMS}
     ms = {a: [statistics.mean(t[f"{a}@{L_}"]["ms_per_frame"] for t in timings[a]) for L_ in (lo, hi)] for a in ARMS}
-    out += [f"4. **Bounded context**: from {lo} to {hi} frames the packed model's largest context goes from {tok['packed'][0]} to "
-            f"{tok['packed'][1]} tokens ({'bounded: holds' if tok['packed'][1] <= max(tok['packed'][0], 1) * 2 else 'grows'}), "
+    verdict = ("holds" if tok["packed"][1] <= max(tok["packed"][0], 1) * 2 and tok["reference"][1] > 2 * tok["reference"][0]
+               else "does not hold")
+    out += [f"4. **Bounded context** ({verdict}): from {lo} to {hi} frames the packed model's largest context goes from {tok['packed'][0]} to "
+            f"{tok['packed'][1]} tokens, "
             f"the reference's from {tok['reference'][0]} to {tok['reference'][1]}; time per generated frame "
             f"{ms['packed'][0]:.1f} -> {ms['packed'][1]:.1f} ms (packed) and {ms['reference'][0]:.1f} -> {ms['reference'][1]:.1f} ms "
             "(reference). Times are wall-clock on a shared CPU and noisy; at this size per-step overhead hides much of the "
