@@ -116,6 +116,12 @@ def test_resume_continues_exactly_and_refuses_a_changed_config(tmp_path):
         torch.testing.assert_close(x, y, msg=k)
     steps = [r["step"] for r in read_metrics(half.run_dir / "metrics.jsonl")]
     assert steps == sorted(set(steps))
+    # a longer run: refused unless allowed, then recorded
+    with pytest.raises(RunDirError, match="allow-changes"):
+        train(smoke(tmp_path, "run_name=b", "train.steps=40"), resume=True)
+    assert train(smoke(tmp_path, "run_name=b", "train.steps=40"), resume=True, allow_changes=True)["step"] == 40
+    record = json.loads((half.run_dir / "config_changes.jsonl").read_text())
+    assert record == {"step": 30, "changes": {"train.steps": [30, 40]}}
 
 
 # ---- the results page ------------------------------------------------------------------------------

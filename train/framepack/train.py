@@ -1,6 +1,6 @@
 """Train a FramePack next-section predictor on bouncing-shape videos.
 
-    python -m train.framepack.train configs/framepack/<name>.yaml [key.sub=value ...] [--resume | --overwrite]
+    python -m train.framepack.train configs/framepack/<name>.yaml [key.sub=value ...] [--resume [--allow-changes] | --overwrite]
 
 Every step draws fresh clips from the simulator and, per micro-batch, one kind of context
 (a step of one of `train.modes`, see sampling.draw_known); the loss is the mean squared
@@ -32,7 +32,7 @@ from train.config import ConfigError, load_config, to_yaml
 from train.framepack.data import SimConfig, simulate, videos_for_seeds
 from train.framepack.evaluate import save_strip
 from train.framepack.sampling import ORDERS, draw_known, gather_context, rollout, section_starts
-from train.lm import LogConfig, NonFiniteLoss, build_optimizer, config_changes, lr_at
+from train.lm import CHANGES_FILE, RESUME_SAFE, LogConfig, NonFiniteLoss, build_optimizer, config_changes, lr_at
 
 VAL_SEED = 1_000_003  # validation clips and contexts are the same for every run
 STRIP_SEEDS = [10_000, 10_001]  # the videos of rollouts.png
@@ -124,31 +124,39 @@ def write_rollout_strips(model: FramePack, cfg: FramePackRunConfig, path: Path, 
     save_strip(path, rows, f"{cfg.run_name}: rollouts of {length} frames ({cfg.train.prompt} given)")
 
 
-def check_resume(cfg: FramePackRunConfig) -> None:
-    """RunDirError, naming the keys, when `cfg` differs from the run's saved config (beyond train.lm.RESUME_FREE)."""
+def check_resume(cfg: FramePackRunConfig, allow_changes: bool = False) -> dict:
+    """The changes `cfg` makes to the run's saved config (beyond train.lm.RESUME_FREE); RunDirError, naming the
+    keys, for one not allowed (with `allow_changes`, those in train.lm.RESUME_SAFE are)."""
     try:
         saved = load_config(FramePackRunConfig, cfg.run_dir / "config.yaml")
     except ConfigError as e:
         raise RunDirError(f"cannot resume {cfg.run_dir}: its config does not load ({e})") from None
     changes = config_changes(saved, cfg)  # all but RESUME_FREE: out_dir, train.stop_at, train.threads, log.progress
-    if changes:
+    refused = {k: v for k, v in changes.items() if not (allow_changes and k in RESUME_SAFE)}
+    if refused:
         raise RunDirError(f"cannot resume {cfg.run_dir} with a different config: "
-                          + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
-                          + "; resume with the run's own settings, start again with --overwrite, or choose another run_name")
+                          + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in refused.items())
+                          + "; resume with the run's own settings, start again with --overwrite, or choose another run_name"
+                          + f" (with --allow-changes a resume may change {', '.join(RESUME_SAFE)})")
+    return changes
 
 
-def train(cfg: FramePackRunConfig, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+def train(cfg: FramePackRunConfig, *, resume: bool = False, overwrite: bool = False, allow_changes: bool = False) -> dict[str, Any]:
     """Train per `cfg`; returns the summary. The run directory is locked for the whole run."""
     torch.set_num_threads(cfg.train.threads)
     run_dir = cfg.run_dir
     check_run_dir(run_dir, resume=resume, overwrite=overwrite)
-    resumed = None
+    resumed, changes = None, {}
     if resume:
-        check_resume(cfg)
+        changes = check_resume(cfg, allow_changes)
         resumed = load_newest_good_checkpoint(run_dir, TRAIN_STATE)
     with run_dir_lock(run_dir):
         prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+        if changes:
+            step = int(resumed[2]["step"])
+            with (run_dir / CHANGES_FILE).open("a") as f:
+                f.write(json.dumps({"step": step, "changes": {k: list(v) for k, v in changes.items()}}) + "\n")
         return _run(cfg, resumed)
 
 
@@ -242,10 +250,14 @@ def main(argv: list[str] | None = None) -> int:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue runs/<run_name> from its last checkpoint")
     g.add_argument("--overwrite", action="store_true", help="delete an existing runs/<run_name> and start again")
+    p.add_argument("--allow-changes", action="store_true",
+                   help=f"with --resume: allow a changed {', '.join(RESUME_SAFE)}; recorded in <run dir>/{CHANGES_FILE}")
     args = p.parse_intermixed_args(argv)
+    if args.allow_changes and not args.resume:
+        p.error("--allow-changes applies only with --resume")
     try:
         cfg = load_config(FramePackRunConfig, args.config, args.overrides)
-        summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
+        summary = train(cfg, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes)
     except (ConfigError, RunDirError, NonFiniteLoss, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
