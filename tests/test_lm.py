@@ -1,10 +1,7 @@
 """The toy LM and its trainer: causality, learning, resume, checkpoints, NaN, bad input, DDP."""
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -51,6 +48,50 @@ def test_parameter_and_flop_counts():
     assert model.num_parameters() == 256 * 32 + 2 * per_layer + 32
     assert model.active_parameters() == model.num_parameters()
     assert model.flops_per_token(16) == 6 * (model.num_parameters() - 5 * 32) + 12 * 2 * 32 * 16
+
+
+def test_grouped_query_attention_and_untied_head_counts():
+    cfg = TransformerConfig(vocab_size=256, n_layer=2, d_model=32, n_head=4, n_kv_head=2, ffn_hidden=64, tie_embeddings=False)
+    model = Transformer(cfg)
+    per_layer = 32 * (32 + 2 * 16) + 32 * 32 + 3 * 32 * 64 + 2 * 32  # k and v: 2 heads of 8
+    assert model.num_parameters() == 2 * 256 * 32 + 2 * per_layer + 32
+    assert model.flops_per_token(16) == 6 * (model.num_parameters() - 5 * 32 - 256 * 32) + 12 * 2 * 32 * 16
+    with pytest.raises(ValueError, match="n_kv_head=3 must divide model.n_head=4"):
+        TransformerConfig(n_head=4, n_kv_head=3)
+
+
+def test_grouped_query_attention_equals_repeated_key_value_heads():
+    """n_kv_head=2 of 4 heads: the same function as full attention whose k/v weights repeat each kv head
+    for its group of query heads (heads 0, 1 share kv head 0, as in transformers' repeat_kv)."""
+    torch.manual_seed(0)
+    small = Transformer(TransformerConfig(vocab_size=50, max_seq_len=16, n_layer=2, n_head=4, n_kv_head=2, d_model=32,
+                                          ffn_hidden=64)).eval()
+    full = Transformer(TransformerConfig(vocab_size=50, max_seq_len=16, n_layer=2, n_head=4, d_model=32, ffn_hidden=64)).eval()
+    state = small.state_dict()
+    for i in range(2):
+        q, k, v = state[f"blocks.{i}.attn.qkv.weight"].split([32, 16, 16])
+        state[f"blocks.{i}.attn.qkv.weight"] = torch.cat([q, k.view(2, 8, 32).repeat_interleave(2, 0).flatten(0, 1),
+                                                          v.view(2, 8, 32).repeat_interleave(2, 0).flatten(0, 1)])
+    full.load_state_dict(state)
+    idx = torch.randint(50, (2, 16))
+    torch.testing.assert_close(small(idx).logits, full(idx).logits)
+
+
+@pytest.mark.parametrize("ffn", ["dense", "moe"])
+def test_kv_cache_equals_full_recomputation(ffn):
+    from train.lm import build_model
+    cfg = load_config(LMRunConfig, TINY, [f"model.ffn={ffn}", "model.n_kv_head=1", "model.tie_embeddings=false"])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    idx = torch.randint(256, (2, 20))
+    full = model(idx).logits
+    cache = model.new_cache()
+    parts = [model(idx[:, :7], cache=cache).logits]                 # a prompt
+    parts += [model(idx[:, t:t + 1], cache=cache).logits for t in range(7, 17)]  # one token at a time
+    parts.append(model(idx[:, 17:], cache=cache).logits)             # a chunk after a past
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="exceeds model.max_seq_len=32"):
+        model(torch.zeros(2, 13, dtype=torch.long), cache=cache)
 
 
 # ---- training ------------------------------------------------------------------------------
@@ -266,16 +307,8 @@ def test_missing_config_file_and_bad_base(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_match_one_process_at_equal_global_batch(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    common = [TINY, "train.steps=12", "log.log_every=1", "log.eval_every=6", "model.dropout=0.0"]
-    one = subprocess.run([sys.executable, "-m", "train.lm", *common, f"out_dir={tmp_path}/one", "train.batch_size=8"],
-                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-                          "-m", "train.lm", *common, f"out_dir={tmp_path}/two", "train.batch_size=4"],
-                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-2000:]
+def test_ddp_two_processes_match_one_process_at_equal_global_batch(tmp_path, one_and_two_processes):
+    one_and_two_processes([TINY, "train.steps=12", "log.log_every=1", "log.eval_every=6", "model.dropout=0.0"], 8, 29517)
     a, b = metrics(tmp_path / "one/tiny"), metrics(tmp_path / "two/tiny")
     assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) == 12
     assert [r["tokens"] for r in a] == [r["tokens"] for r in b]

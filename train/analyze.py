@@ -33,7 +33,7 @@ from train import plots
 from train.checkpoint import latest_checkpoint, load_checkpoint
 from train.config import ConfigError, load_config
 from train.data import build_corpus
-from train.lm import LMRunConfig, build_model
+from train.lm import TOKENIZER_FILE, LMRunConfig, build_model
 
 
 class AnalysisError(ValueError):
@@ -72,7 +72,7 @@ def load_run(run_dir: Path) -> tuple[LMRunConfig, torch.nn.Module]:
 def routing_by_domain(run_dir: Path, n_windows: int = 128) -> Analysis:
     """Mean routing probabilities and top-k picks per domain over evenly spaced validation windows."""
     cfg, model = load_run(run_dir)
-    corpus = build_corpus(cfg.data, run_dir / "tokenizer.json")
+    corpus = build_corpus(cfg.data, run_dir / TOKENIZER_FILE)
     moe = {i: b.ffn for i, b in enumerate(model.blocks) if isinstance(b.ffn, MoE)}
     n_dom = len(corpus.domain_names)
     E = next(iter(moe.values())).cfg.n_pool  # the router's pool: FFN experts, then any zero-computation ones

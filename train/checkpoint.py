@@ -64,11 +64,11 @@ def check_run_name(name: str, key: str = "run_name") -> None:
                          "without '/' or '\\'")
 
 
-def _file_mode() -> int:
-    """The mode a plain `open()` would give a new file: 0o666 less the process umask."""
+def _file_mode(base: int = 0o666) -> int:
+    """The mode a plain `open()` (base 0o666) or `mkdir` (0o777) would give: `base` less the process umask."""
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return base & ~mask
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -87,6 +87,28 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def check_new_dir(path: Path) -> None:
+    """FileExistsError unless `path` is free for a new folder (absent, or an empty folder)."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{path} exists and is not an empty folder; choose another or remove it")
+
+
+def atomic_write_dir(path: Path, write: Callable[[Path], None]) -> None:
+    """Call `write(tmp)` on a temporary folder beside `path`, then rename it to `path`, which must not exist
+    or be an empty folder: the folder appears complete or not at all, and nothing in it is ever replaced."""
+    check_new_dir(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        os.chmod(tmp, _file_mode(0o777))
+        write(tmp)
+        if path.exists():
+            path.rmdir()  # fails, keeping it, if something appeared in it meanwhile
+        tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---- one process per run directory ------------------------------------------------------

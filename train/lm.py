@@ -29,15 +29,21 @@ from accelerate.utils import DistributedDataParallelKwargs
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from models.memory.ema_slot import EMASlotConfig, EMASlotMemory
+from models.memory.product_key import ProductKeyConfig, ProductKeyMemory
 from models.moe import MoE, MoEConfig
 from models.transformer import Transformer, TransformerConfig
+from models.upcycle import Upcycling
 from models.validate import check
 from train import plots
 from train.checkpoint import (DONE_MARKER, CheckpointError, RunDirError, atomic_write_text, check_run_dir, check_run_name,
                               latest_checkpoint, load_newest_good_checkpoint, prepare_run_dir, run_dir_lock,
                               save_checkpoint)
 from train.config import ConfigError, load_config, to_yaml
-from train.data import Corpus, DataConfig, build_corpus, sample_windows
+from train import warmstart
+from train.data import Corpus, DataConfig, Tokenizer, build_corpus, build_tokenizer, sample_windows
+from train.evaluation import evaluate
+from train.sampling import domain_samples
 
 # ---- config -------------------------------------------------------------------------------
 
@@ -77,14 +83,17 @@ class OptimConfig:
 class LogConfig:
     log_every: int = 10
     eval_every: int = 100
-    eval_batches: int = 8           # validation windows: eval_batches global batches at fixed positions
     ckpt_every: int = 200
     keep_checkpoints: int = 3       # the newest kept; resume falls back to an older one when the newest does not load
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("log_every", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints"):
+        for name in ("log_every", "eval_every", "ckpt_every", "keep_checkpoints"):
             check(getattr(self, name) >= 1, f"log.{name}={getattr(self, name)} must be >= 1")
+
+
+# model.ffn -> the sparse layer it builds, from the run config's section of the same name
+SPARSE_FFN = {"moe": MoE, "pkm": ProductKeyMemory, "ema_slot": EMASlotMemory}
 
 
 @dataclass
@@ -94,12 +103,27 @@ class LMRunConfig:
     model: TransformerConfig = field(default_factory=TransformerConfig)
     # used by the layers model.ffn=moe makes sparse; its d_model is the model's, set by build_model
     moe: MoEConfig = field(default_factory=lambda: MoEConfig(d_model=None))
+    # the same for model.ffn=pkm (product-key memory) and model.ffn=ema_slot (EMA slot memory)
+    pkm: ProductKeyConfig = field(default_factory=lambda: ProductKeyConfig(d_model=None))
+    ema_slot: EMASlotConfig = field(default_factory=lambda: EMASlotConfig(d_model=None))
     data: DataConfig = field(default_factory=DataConfig)
     train: OptimConfig = field(default_factory=OptimConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    # start from trained weights: a local transformers Llama-family folder (with data.tokenizer=pretrained) or a
+    # finished run directory; "{seed}" stands for train.seed, "{out_dir}" for out_dir. The source sets model.* (train/warmstart.py)
+    init_from: str | None = None
+    # with a dense init_from and model.ffn=moe, how its FFNs become experts: copy, drop:<r> or granular:<G>
+    upcycle: str | None = None
 
     def __post_init__(self) -> None:
         check_run_name(self.run_name)
+        check(self.upcycle is None or self.init_from is not None, f"upcycle={self.upcycle!r} needs init_from")
+        if self.upcycle is not None:
+            Upcycling.parse(self.upcycle)
+        check((self.data.tokenizer == "pretrained") <= (self.init_from is not None),
+              "data.tokenizer=pretrained needs init_from (a transformers folder with a tokenizer)")
+        if self.init_from is not None:
+            return  # the model comes from the source: checked against it by warmstart.resolve
         check(self.train.seq_len <= self.model.max_seq_len,
               f"train.seq_len={self.train.seq_len} must be <= model.max_seq_len={self.model.max_seq_len}")
         if self.data.tokenizer == "byte":
@@ -107,8 +131,10 @@ class LMRunConfig:
         else:
             check(self.model.vocab_size == self.data.bpe_vocab_size,
                   f"model.vocab_size={self.model.vocab_size} must equal data.bpe_vocab_size={self.data.bpe_vocab_size}")
-        check(self.moe.d_model in (None, self.model.d_model),
-              f"moe.d_model={self.moe.d_model} must be left unset: the MoE layers take model.d_model={self.model.d_model}")
+        for key in SPARSE_FFN:
+            width = getattr(self, key).d_model
+            check(width in (None, self.model.d_model),
+                  f"{key}.d_model={width} must be left unset: the {key} layers take model.d_model={self.model.d_model}")
 
     @property
     def run_dir(self) -> Path:
@@ -157,7 +183,28 @@ def resume_changes(cfg: LMRunConfig, allow_changes: bool) -> dict[str, tuple[Any
 
 
 def build_model(cfg: LMRunConfig) -> Transformer:
-    return Transformer(cfg.model, ffn_factory=lambda layer: MoE(replace(cfg.moe, d_model=cfg.model.d_model)))
+    if cfg.model.ffn == "dense":
+        return Transformer(cfg.model)
+    layer, layer_cfg = SPARSE_FFN[cfg.model.ffn], getattr(cfg, cfg.model.ffn)
+    return Transformer(cfg.model, ffn_factory=lambda i: layer(replace(layer_cfg, d_model=cfg.model.d_model)))
+
+
+TOKENIZER_FILE = "tokenizer.json"  # in the run directory of a BPE run
+
+
+def tokenizer_source(cfg: LMRunConfig, run_dir: Path, trained: bool) -> Path | None:
+    """Where the tokenizer of a run in `run_dir` is read from (`trained`: the run has saved its BPE tokenizer);
+    None: made afresh (bytes, or BPE trained on the corpus)."""
+    if cfg.data.tokenizer == "pretrained":
+        return warmstart.source_path(cfg)
+    if cfg.data.tokenizer == "bpe" and (trained or cfg.init_from is not None):
+        return (run_dir if trained else warmstart.source_path(cfg)) / TOKENIZER_FILE
+    return None
+
+
+def run_tokenizer(cfg: LMRunConfig, run_dir: Path) -> Tokenizer:
+    """The tokenizer a run in `run_dir` was trained with."""
+    return build_tokenizer(cfg.data, tokenizer_source(cfg, run_dir, trained=True))
 
 
 def lr_at(step: int, c: OptimConfig) -> float:
@@ -174,24 +221,6 @@ def build_optimizer(model: torch.nn.Module, c: OptimConfig) -> torch.optim.AdamW
     other = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": c.weight_decay}, {"params": other, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=c.lr, betas=(c.beta1, c.beta2), fused=False)
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, corpus: Corpus, cfg: LMRunConfig, acc: Accelerator) -> float:
-    """Mean validation loss over fixed, evenly spaced windows, split across processes."""
-    n = cfg.log.eval_batches * cfg.train.batch_size * acc.num_processes  # eval_batches global batches
-    hi = len(corpus.val.tokens) - cfg.train.seq_len - 1
-    starts = torch.linspace(0, hi, n).long()[acc.process_index::acc.num_processes]
-    model.eval()
-    total = torch.zeros(2)
-    for chunk in starts.split(cfg.train.batch_size):
-        x, y, _ = sample_windows(corpus.val, chunk, cfg.train.seq_len)
-        with acc.autocast():
-            out = model(x.to(acc.device), y.to(acc.device))
-        total += torch.tensor([out.loss.float().item() * len(chunk), len(chunk)])
-    model.train()
-    total = acc.reduce(total.to(acc.device), reduction="sum").cpu()
-    return (total[0] / total[1]).item()
 
 
 class NonFiniteLoss(RuntimeError):
@@ -232,7 +261,11 @@ def memory_check(cfg: LMRunConfig, device: torch.device) -> str:
     return f"memory: {sizes}; {_size(free)} free on {where}"
 
 
-# ---- training --------------------------------------------------------------------------------
+# ---- training ------------------------------------------------------------------------------
+#
+# `train` checks everything and prepares the run directory; `_run` then reads top to bottom:
+# set_up (model, optimizer, state restored on resume) -> per step: train_step, evaluate when due,
+# log_row into the one MetricsLog, save when due -> finish (summary, plots, DONE).
 
 
 TRAIN_STATE = ("optimizer", "scheduler", "torch_rng", "data_rng", "step", "expert_load")  # what a checkpoint must hold
@@ -250,15 +283,21 @@ def train(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = False, al
     run_dir = cfg.run_dir
     # everything that can fail on bad input happens before the run directory is touched
     check_run_dir(run_dir, resume=resume, overwrite=overwrite)
-    changes, resumed = {}, None
+    cfg = warmstart.resolve(cfg)
+    changes, resumed, start = {}, None, None
     if resume:
         changes = resume_changes(cfg, allow_changes)
         resumed = load_newest_good_checkpoint(run_dir, TRAIN_STATE)
     memory = memory_check(cfg, acc.device)
-    tokenizer_file = run_dir / "tokenizer.json" if resume and cfg.data.tokenizer == "bpe" else None
-    if tokenizer_file is not None and not tokenizer_file.is_file():
-        raise CheckpointError(f"{tokenizer_file} is missing: a resumed BPE run needs the tokenizer it was trained with")
+    tokenizer_file = tokenizer_source(cfg, run_dir, trained=resume)
+    if tokenizer_file is not None and not tokenizer_file.exists():
+        raise CheckpointError(f"{tokenizer_file} is missing: the run needs the tokenizer its weights were trained with")
     corpus = build_corpus(cfg.data, tokenizer_file)
+    check(corpus.tokenizer.vocab_size <= cfg.model.vocab_size and cfg.train.seq_len <= cfg.model.max_seq_len,
+          f"the model (vocab_size={cfg.model.vocab_size}, max_seq_len={cfg.model.max_seq_len}) must take the "
+          f"tokenizer's {corpus.tokenizer.vocab_size} tokens and train.seq_len={cfg.train.seq_len}")
+    if cfg.init_from is not None and not resume:
+        start = warmstart.initial_weights(cfg)
     for split, stream in (("training", corpus.train), ("validation", corpus.val)):
         if len(stream.tokens) < cfg.train.seq_len + 2:
             raise ValueError(f"data: the {split} split has {len(stream.tokens)} tokens, fewer than train.seq_len + 2 = "
@@ -268,145 +307,198 @@ def train(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = False, al
         if acc.is_main_process:
             prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
             atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
-            if cfg.data.tokenizer == "bpe" and not resume:
-                corpus.tokenizer.save(run_dir / "tokenizer.json")
+            if cfg.data.tokenizer == "bpe" and not resume:  # a run keeps its own copy
+                corpus.tokenizer.save(run_dir / TOKENIZER_FILE)
             print(memory, flush=True)
         acc.wait_for_everyone()
-        return _run(cfg, acc, corpus, resumed, changes)
+        return _run(cfg, acc, corpus, resumed or start, changes)
 
 
-def _run(cfg: LMRunConfig, acc: Accelerator, corpus: Corpus, resumed: tuple | None, changes: dict) -> dict[str, Any]:
+def _run(cfg: LMRunConfig, acc: Accelerator, corpus: Corpus, resumed: tuple | dict | None, changes: dict) -> dict[str, Any]:
     """The training loop of `train`, once every check has passed and the run directory is ready."""
-    run_dir = cfg.run_dir
+    log = MetricsLog(cfg.run_dir / "metrics.jsonl", acc.is_main_process)
+    s = set_up(cfg, acc, resumed, changes, log)
+    last_step = cfg.train.stop_at or cfg.train.steps
+    bar = tqdm(total=last_step, initial=s.step, disable=not (cfg.log.progress and acc.is_main_process),
+               desc=cfg.run_name, unit="step")
+    while s.step < last_step:
+        train_loss, aux_means = train_step(s, corpus, cfg, acc)
+        bar.update(1)
+        evaluated = evaluate(s.model, corpus, cfg, acc) if s.step % cfg.log.eval_every == 0 or s.step == cfg.train.steps else {}
+        if s.step % cfg.log.log_every == 0 or s.step == last_step or evaluated:
+            row = log_row(s, evaluated, aux_means)
+            log.append(row)
+            if acc.is_main_process:
+                bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                     for k, v in row.items() if "/" not in k))
+        if s.step % cfg.log.ckpt_every == 0 or s.step == last_step:
+            save(s, cfg, acc)
+    bar.close()
+    return finish(s, cfg, acc, log, corpus)
+
+
+class MetricsLog:
+    """metrics.jsonl, the run's one log of rows: every write to it goes through here (main process only)."""
+
+    def __init__(self, path: Path, writer: bool):
+        self.path, self.writer = path, writer
+
+    def rows(self) -> list[dict]:
+        return plots.read_metrics(self.path)
+
+    def truncate(self, step: int) -> None:
+        """Forget rows logged after `step` (a resumed run is about to redo them)."""
+        if self.writer:
+            atomic_write_text(self.path, "".join(json.dumps(m) + "\n" for m in self.rows() if m["step"] <= step))
+
+    def append(self, row: dict) -> None:
+        if self.writer:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+@dataclass
+class RunState:
+    """What the loop carries from step to step; `save` puts what a resume needs into a checkpoint."""
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    data_gen: torch.Generator      # same draws on every rank; each takes its slice
+    tokens_per_step: int
+    step: int = 0
+    wall_before: float = 0.0       # wall time of earlier sessions of this run
+    win_loss: float = 0.0          # train loss summed over the steps since the last row, and their count
+    win_steps: int = 0
+    # the model's per-expert metrics (`layer{i}/tokens_per_expert`) summed since the run began, for the load heatmap
+    expert_load: dict[str, torch.Tensor] = field(default_factory=dict)
+    t_start: float = 0.0           # when this session's loop began (perf_counter)
+    t_window: float = 0.0          # when the current logging window began
+    tok_window: int = 0
+
+    def wall_s(self) -> float:
+        """Wall time of the training loop over the steps this run kept, every session of it."""
+        return self.wall_before + time.perf_counter() - self.t_start
+
+
+def set_up(cfg: LMRunConfig, acc: Accelerator, resumed: tuple | dict | None, changes: dict, log: MetricsLog) -> RunState:
+    """Model, optimizer and schedule, with the state of `resumed` restored (a checkpoint: path, weights, state,
+    skipped), or starting from the weights `resumed` (init_from); prepared by accelerate."""
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg)
     opt = build_optimizer(model, cfg.train)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg.train))
-    data_gen = torch.Generator().manual_seed(cfg.train.seed)  # same draws on every rank; each takes its slice
-
-    step, wall_before, (win_loss, win_steps) = 0, 0.0, (0.0, 0)
-    if resumed:
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_at(i, cfg.train))
+    c = cfg.train
+    s = RunState(model, opt, sched, torch.Generator().manual_seed(c.seed),
+                 tokens_per_step=c.batch_size * c.grad_accum * acc.num_processes * c.seq_len)
+    if isinstance(resumed, dict):
+        warmstart.load_into(model, resumed)
+    elif resumed:
         path, weights, state, skipped = resumed
         model.load_state_dict(weights)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
-        data_gen.set_state(state["data_rng"])
-        step = int(state["step"])
+        s.data_gen.set_state(state["data_rng"])
+        s.step = int(state["step"])
+        s.expert_load.update(state["expert_load"])
         # checkpoints written before wall time and the loss window were kept lack them
-        wall_before, (win_loss, win_steps) = state.get("wall_s", 0.0), state.get("loss_window", (0.0, 0))
-        if acc.is_main_process:  # forget what was logged after the checkpoint; it is about to be redone
-            kept = [m for m in plots.read_metrics(run_dir / "metrics.jsonl") if m["step"] <= step]
-            atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in kept))
-            (run_dir / DONE_MARKER).unlink(missing_ok=True)
-            if changes:
-                with (run_dir / CHANGES_FILE).open("a") as f:
-                    f.write(json.dumps({"step": step, "changes": {k: list(v) for k, v in changes.items()}}) + "\n")
-            print(f"resuming from {path} (step {step})" + "".join(f"; skipped {p}" for p in skipped)
-                  + "".join(f"; {k} {a!r} -> {b!r}" for k, (a, b) in changes.items()), flush=True)
-
-    model, opt = acc.prepare(model, opt)
-    c, log = cfg.train, cfg.log
-    world, rank = acc.num_processes, acc.process_index
-    tokens_per_step = c.batch_size * c.grad_accum * world * c.seq_len
-    n_windows = len(corpus.train.tokens) - c.seq_len - 1
-    # the model's per-expert metrics (`layer{i}/tokens_per_expert`) summed since the run began (kept in
-    # checkpoints), for the load heatmap
-    expert_load: dict[str, torch.Tensor] = {}
-    if resumed:
-        expert_load.update(state["expert_load"])
-    last_step = c.stop_at or c.steps
-    metrics_file = run_dir / "metrics.jsonl"
-    bar = tqdm(total=last_step, initial=step, disable=not (log.progress and acc.is_main_process), desc=cfg.run_name, unit="step")
-    t_start = time.perf_counter()
-    t_window, tok_window, val_loss = t_start, 0, None
-
-    def wall_s() -> float:
-        """Wall time of the training loop over the steps this run kept, every session of it."""
-        return wall_before + time.perf_counter() - t_start
-
-    def checkpoint() -> None:
-        acc.wait_for_everyone()
+        s.wall_before, (s.win_loss, s.win_steps) = state.get("wall_s", 0.0), state.get("loss_window", (0.0, 0))
+        log.truncate(s.step)
         if acc.is_main_process:
-            state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
-                     "data_rng": data_gen.get_state(), "step": step, "wall_s": wall_s(), "loss_window": (win_loss, win_steps),
-                     "expert_load": expert_load}
-            save_checkpoint(run_dir, step, acc.unwrap_model(model).state_dict(), state, keep=log.keep_checkpoints)
+            (cfg.run_dir / DONE_MARKER).unlink(missing_ok=True)
+            if changes:
+                with (cfg.run_dir / CHANGES_FILE).open("a") as f:
+                    f.write(json.dumps({"step": s.step, "changes": {k: list(v) for k, v in changes.items()}}) + "\n")
+            print(f"resuming from {path} (step {s.step})" + "".join(f"; skipped {p}" for p in skipped)
+                  + "".join(f"; {k} {a!r} -> {b!r}" for k, (a, b) in changes.items()), flush=True)
+    s.model, s.opt = acc.prepare(model, opt)
+    s.t_start = s.t_window = time.perf_counter()
+    return s
 
-    while step < last_step:
-        # one flat draw for the global batch, so 1 process x 2b and 2 processes x b see the same windows
-        starts = torch.randint(n_windows, (c.grad_accum * world * c.batch_size,), generator=data_gen)
-        starts = starts.view(c.grad_accum, world, c.batch_size)[:, rank]
-        loss_sum, aux_sum = torch.zeros(()), {}  # aux: the model's scalar aux losses and metrics, summed
-        for micro in range(c.grad_accum):
-            x, y, _ = sample_windows(corpus.train, starts[micro], c.seq_len)
-            sync = micro == c.grad_accum - 1
-            with acc.no_sync(model) if not sync else nullcontext(), acc.autocast():
-                out = model(x.to(acc.device), y.to(acc.device))
-                objective = out.loss + sum(out.aux_losses.values(), torch.zeros((), device=out.loss.device))
-                acc.backward(objective / c.grad_accum)
-            loss_sum += out.loss.detach().float().cpu()
-            for k, v in {**out.aux_losses, **out.aux_metrics}.items():
-                if v.numel() == 1:
-                    aux_sum[k] = aux_sum.get(k, 0) + v.detach().float()
-                else:  # per-expert vectors go to the heatmap, not the log line
-                    expert_load[k] = expert_load.get(k, 0) + v.float().cpu()
-        # mean over micro-batches and ranks: the logged values are the global batch's, and every rank sees a NaN
-        means = acc.reduce(torch.stack([loss_sum.to(acc.device), *aux_sum.values()]) / c.grad_accum,
-                           reduction="mean").tolist()
-        train_loss, aux_means = means[0], dict(zip(aux_sum, means[1:]))
-        if not math.isfinite(train_loss):
-            good = latest_checkpoint(run_dir)
-            raise NonFiniteLoss(f"loss became {train_loss} at step {step + 1}; stopped. "
-                                f"Last good checkpoint: {good if good else 'none yet'}")
-        if c.grad_clip > 0:
-            acc.clip_grad_norm_(model.parameters(), c.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        acc.unwrap_model(model).after_optimizer_step()
-        step += 1
-        tok_window += tokens_per_step
-        win_loss, win_steps = win_loss + train_loss, win_steps + 1
-        bar.update(1)
 
-        if step % log.eval_every == 0 or step == c.steps:
-            val_loss = evaluate(model, corpus, cfg, acc)
-        if step % log.log_every == 0 or step == last_step or val_loss is not None:
-            now = time.perf_counter()
-            # train_loss: the mean over the steps since the last row
-            row = {"step": step, "tokens": step * tokens_per_step, "train_loss": round(win_loss / win_steps, 5),
-                   "lr": sched.get_last_lr()[0], "tokens_per_s": round(tok_window / (now - t_window), 1)}
-            if val_loss is not None:
-                row["val_loss"] = round(val_loss, 5)
-            row.update({k: round(v, 6) for k, v in aux_means.items()})
-            if acc.is_main_process:
-                with metrics_file.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-                bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                     for k, v in row.items() if "/" not in k))
-            t_window, tok_window, val_loss, win_loss, win_steps = now, 0, None, 0.0, 0
-        if step % log.ckpt_every == 0 or step == last_step:
-            checkpoint()
-    wall = wall_s()
-    bar.close()
+def train_step(s: RunState, corpus: Corpus, cfg: LMRunConfig, acc: Accelerator) -> tuple[float, dict[str, float]]:
+    """One optimizer step on a fresh global batch; returns its train loss and the model's scalar aux values
+    (means over micro-batches and ranks). Raises NonFiniteLoss, naming the last good checkpoint."""
+    c, world = cfg.train, acc.num_processes
+    # one flat draw for the global batch, so 1 process x 2b and 2 processes x b see the same windows
+    n_windows = len(corpus.train.tokens) - c.seq_len - 1
+    starts = torch.randint(n_windows, (c.grad_accum * world * c.batch_size,), generator=s.data_gen)
+    starts = starts.view(c.grad_accum, world, c.batch_size)[:, acc.process_index]
+    loss_sum, aux_sum = torch.zeros(()), {}  # aux: the model's scalar aux losses and metrics, summed
+    for micro in range(c.grad_accum):
+        x, y, _ = sample_windows(corpus.train, starts[micro], c.seq_len)
+        sync = micro == c.grad_accum - 1
+        with acc.no_sync(s.model) if not sync else nullcontext(), acc.autocast():
+            out = s.model(x.to(acc.device), y.to(acc.device))
+            objective = out.loss + sum(out.aux_losses.values(), torch.zeros((), device=out.loss.device))
+            acc.backward(objective / c.grad_accum)
+        loss_sum += out.loss.detach().float().cpu()
+        for k, v in {**out.aux_losses, **out.aux_metrics}.items():
+            if v.numel() == 1:
+                aux_sum[k] = aux_sum.get(k, 0) + v.detach().float()
+            else:  # per-expert vectors go to the heatmap, not the log line
+                s.expert_load[k] = s.expert_load.get(k, 0) + v.float().cpu()
+    # mean over micro-batches and ranks: the logged values are the global batch's, and every rank sees a NaN
+    means = acc.reduce(torch.stack([loss_sum.to(acc.device), *aux_sum.values()]) / c.grad_accum, reduction="mean").tolist()
+    train_loss, aux_means = means[0], dict(zip(aux_sum, means[1:]))
+    if not math.isfinite(train_loss):
+        good = latest_checkpoint(cfg.run_dir)
+        raise NonFiniteLoss(f"loss became {train_loss} at step {s.step + 1}; stopped. "
+                            f"Last good checkpoint: {good if good else 'none yet'}")
+    if c.grad_clip > 0:
+        acc.clip_grad_norm_(s.model.parameters(), c.grad_clip)
+    s.opt.step()
+    s.sched.step()
+    s.opt.zero_grad(set_to_none=True)
+    acc.unwrap_model(s.model).after_optimizer_step()
+    s.step += 1
+    s.tok_window += s.tokens_per_step
+    s.win_loss, s.win_steps = s.win_loss + train_loss, s.win_steps + 1
+    return train_loss, aux_means
 
-    metrics = plots.read_metrics(metrics_file) if acc.is_main_process else []
-    summary = {"run_dir": str(run_dir), "step": step, "finished": step == c.steps}
-    base = acc.unwrap_model(model)
-    summary.update(params=base.num_parameters(), active_params=base.active_parameters(),
-                   flops_per_token=base.flops_per_token(c.seq_len))
+
+def log_row(s: RunState, evaluated: dict[str, float], aux_means: dict[str, float]) -> dict[str, Any]:
+    """The metrics row of this step (train_loss: the mean over the steps since the last row; `evaluated`: what
+    `evaluate` returned, when it ran this step); starts a new window."""
+    now = time.perf_counter()
+    row = {"step": s.step, "tokens": s.step * s.tokens_per_step, "train_loss": round(s.win_loss / s.win_steps, 5),
+           "lr": s.sched.get_last_lr()[0], "tokens_per_s": round(s.tok_window / (now - s.t_window), 1)}
+    row.update(evaluated)
+    row.update({k: round(v, 6) for k, v in aux_means.items()})
+    s.t_window, s.tok_window, s.win_loss, s.win_steps = now, 0, 0.0, 0
+    return row
+
+
+def save(s: RunState, cfg: LMRunConfig, acc: Accelerator) -> None:
+    """A checkpoint of the weights and everything a resume needs to continue exactly."""
+    acc.wait_for_everyone()
     if acc.is_main_process:
+        state = {"optimizer": s.opt.state_dict(), "scheduler": s.sched.state_dict(), "torch_rng": torch.get_rng_state(),
+                 "data_rng": s.data_gen.get_state(), "step": s.step, "wall_s": s.wall_s(),
+                 "loss_window": (s.win_loss, s.win_steps), "expert_load": s.expert_load}
+        save_checkpoint(cfg.run_dir, s.step, acc.unwrap_model(s.model).state_dict(), state, keep=cfg.log.keep_checkpoints)
+
+
+def finish(s: RunState, cfg: LMRunConfig, acc: Accelerator, log: MetricsLog, corpus: Corpus) -> dict[str, Any]:
+    """The run's summary (also summary.json) with a greedy sample per corpus domain, its plots, and the DONE
+    marker once every step ran."""
+    wall, run_dir = s.wall_s(), cfg.run_dir
+    summary = {"run_dir": str(run_dir), "step": s.step, "finished": s.step == cfg.train.steps}
+    base = acc.unwrap_model(s.model)
+    summary.update(params=base.num_parameters(), active_params=base.active_parameters(),
+                   flops_per_token=base.flops_per_token(cfg.train.seq_len))
+    if acc.is_main_process:
+        metrics = log.rows()
         vals = [m["val_loss"] for m in metrics if "val_loss" in m]
         speeds = [m["tokens_per_s"] for m in metrics[1:]] or [m["tokens_per_s"] for m in metrics]
         # tokens_per_s: the whole run's throughput; the median logging window (first left out) is steadier but flatters
-        summary.update(final_val_loss=vals[-1] if vals else None, tokens=step * tokens_per_step, wall_s=round(wall, 6),
-                       tokens_per_s=round(step * tokens_per_step / wall, 1),
-                       tokens_per_s_median_window=statistics.median(speeds))
+        summary.update(final_val_loss=vals[-1] if vals else None, tokens=s.step * s.tokens_per_step, wall_s=round(wall, 6),
+                       tokens_per_s=round(s.step * s.tokens_per_step / wall, 1),
+                       tokens_per_s_median_window=statistics.median(speeds), samples=domain_samples(base, corpus))
         plots.loss_curve(metrics, run_dir / "loss.png", cfg.run_name)
-        if expert_load:
-            rows = [(load / load.sum()).tolist() for load in expert_load.values()]
-            plots.heatmap(rows, [k.split("/")[0] for k in expert_load], "expert", run_dir / "expert_load.png",
+        if s.expert_load:
+            rows = [(load / load.sum()).tolist() for load in s.expert_load.values()]
+            plots.heatmap(rows, [k.split("/")[0] for k in s.expert_load], "expert", run_dir / "expert_load.png",
                           "share of routed tokens per expert", "share")
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
         if summary["finished"]:
@@ -440,6 +532,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary))
+        for domain, sample in summary.get("samples", {}).items():
+            print(f"sample ({domain}): {sample['prompt']!r} -> {sample['continuation']!r}")
         print(f"final val loss {summary['final_val_loss']} | {summary['tokens_per_s']:.0f} tokens/s | "
               f"{summary['params'] / 1e6:.2f}M params ({summary['active_params'] / 1e6:.2f}M active) | run dir {summary['run_dir']}")
     return 0
