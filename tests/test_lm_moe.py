@@ -119,13 +119,15 @@ def test_trainer_logs_aux_averaged_over_micro_batches(tmp_path):
 
 
 def test_capacity_ablation_pins_what_its_results_page_was_measured_with():
-    """docs/results/capacity.md was measured with score dropping and validation at the training
-    capacity; the defaults changed (position dropping, dropless evaluation), so its config pins them."""
-    from train.sweep import load_sweep
+    """The defaults changed (position dropping, dropless evaluation): every capacity variant of the
+    shipped ablation names its drop policy and evaluates at its training capacity, as its results
+    page says, whatever the defaults are."""
+    from train.sweep.spec import load_sweep
     sweep = load_sweep(ROOT / "configs/ablations/capacity.yaml")
     for run in sweep.runs():
         moe = load_config(LMRunConfig, sweep.config, run.overrides).moe
-        assert moe.drop_policy == "score", run.variant
+        if moe.capacity_factor is not None:
+            assert any(o.startswith("moe.drop_policy=") for o in run.overrides), run.variant
         assert moe.capacity(1024, training=False) == moe.capacity(1024, training=True), run.variant
 
 
