@@ -28,11 +28,17 @@ grid      efficiency = time of one matmul chain of the same FLOPs (all T*(k + sh
           The issue's target: >= 0.9 wherever T*k/E >= 64 rows per expert; a cell that misses it
           is marked with !.
 The last line is JSON with the ratios.
+
+On a CPU shared with other busy processes, run it (and training) with OMP_WAIT_POLICY=PASSIVE:
+OpenMP's spinning threads otherwise lose their time slices at every parallel region's barrier,
+and a grouped matmul opens one per expert (measured at 2 threads on an oversubscribed 2-core
+machine: the fine config at 12.9x the dense floor by default, 1.25x passive).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from typing import Callable
@@ -265,7 +271,8 @@ def main() -> None:
                          "--repeats, --grid-repeats, --tokens, --grid-tokens and --threads must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, "
+          f"torch {torch.__version__}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     summary = {}
     for name in sections:
         {"headline": headline, "latency": latency, "grid": grid}[name](args, summary)

@@ -112,7 +112,10 @@ class MoEConfig:
     # bmm), "auto" (padded_bmm while padding adds <= 25% rows, else grouped_mm),
     # "loop" (a Python loop over experts). grouped_mm is fastest on a quiet CPU;
     # on an oversubscribed one it pays a thread sync per expert and per matmul,
-    # while one bmm pays it once, so "auto" can be the better choice there.
+    # while one bmm pays it once, so "auto" can be the better choice there (or set
+    # OMP_WAIT_POLICY=PASSIVE, see benchmarks/moe_layer.py). Under torch.compile,
+    # grouped_mm runs only in bf16; other dtypes fall back to padded_bmm. Inference with
+    # fewer rows than experts loops over the experts that have rows, whatever the dispatch.
     dispatch: str = "grouped_mm"
     init_std: float = 0.02  # normal init of the router and every expert weight
 

@@ -264,6 +264,7 @@ BAD = [
     (["train.seq_len=64"], "train.seq_len=64 must be <= model.max_seq_len=32"),
     (["model.ffn=sparse"], "model.ffn='sparse' must be"),
     (["train.steps"], "must look like key.sub=value"),
+    (["model={a:[1]"], "override 'model={a:[1]': its value is not valid YAML"),
 ]
 
 

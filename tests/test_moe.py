@@ -429,6 +429,23 @@ def test_forced_uniform_routing_balances_every_expert():
     assert MoE(dataclasses.replace(cfg, force_uniform_routing=False)).eval()(x)[1].max_vio > 0.5
 
 
+@pytest.mark.parametrize("routing", ["token_choice", "expert_choice"])
+@pytest.mark.parametrize("dispatch", ["grouped_mm", "padded_bmm", "auto", "loop"])
+def test_inference_path_matches_training_path(routing, dispatch):
+    """Without autograd the layer takes other paths (plain gathers, no autograd.Function, a loop over
+    the experts that have rows when rows are fewer than experts): same outputs."""
+    cfg = MoEConfig(d_model=16, n_routed_experts=16, expert_hidden=16, top_k=2, routing=routing, dispatch=dispatch,
+                    capacity_factor=1.0, eval_capacity_factor=1.0, n_shared_experts=1, n_copy_experts=int(
+                        routing == "token_choice"), init_std=0.5)
+    torch.manual_seed(0)
+    moe = MoE(cfg).eval()
+    for T in (1, 3, 64):  # 2 and 6 rows for 16 experts: the loop; 128: the dispatch as configured
+        x = torch.randn(T, 16)
+        with torch.no_grad():
+            y = moe(x)[0]
+        torch.testing.assert_close(y, moe(x)[0], atol=1e-6, rtol=1e-6)
+
+
 def test_auto_dispatch_pads_only_when_cheap():
     experts = MoE(MoEConfig(d_model=16, n_routed_experts=4, expert_hidden=16, top_k=1, dispatch="auto")).experts
     assert experts.wants_padding(torch.tensor([10, 12, 11, 11]))  # 48 rows padded from 44: +9%

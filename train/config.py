@@ -94,7 +94,12 @@ def load_config(schema: type[T], path: str | Path | None, overrides: Sequence[st
         key, eq, value = item.partition("=")
         if not eq or not key:
             raise ConfigError(f"override '{item}' must look like key.sub=value")
-        cfg = _merge(schema, cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
+        try:
+            layer = OmegaConf.from_dotlist([item])
+        except Exception as e:  # a value YAML cannot parse (yaml's errors come in several types)
+            raise ConfigError(f"override '{item}': its value is not valid YAML ({' '.join(str(e).split())}); "
+                              f"quote it, or write lists and mappings as in YAML, e.g. key=[1, 2] or key={{a: 1}}") from None
+        cfg = _merge(schema, cfg, layer, f"override '{item}'")
     try:
         return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
