@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.validate import check
+from moe_playground.models.validate import check
 
 
 @dataclass

@@ -29,18 +29,18 @@ from accelerate.utils import DistributedDataParallelKwargs
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from models.moe import MoE, MoEConfig
-from models.transformer import Transformer, TransformerConfig
-from models.upcycle import Upcycling
-from models.validate import check
-from train import plots
-from train.checkpoint import (DONE_MARKER, CheckpointError, RunDirError, atomic_write_text, check_run_dir, check_run_name,
+from moe_playground.models.moe import MoE, MoEConfig
+from moe_playground.models.transformer import Transformer, TransformerConfig
+from moe_playground.models.upcycle import Upcycling
+from moe_playground.models.validate import check
+from moe_playground.train import plots
+from moe_playground.train.checkpoint import (DONE_MARKER, CheckpointError, RunDirError, atomic_write_text, check_run_dir, check_run_name,
                               latest_checkpoint, load_newest_good_checkpoint, prepare_run_dir, run_dir_lock,
                               save_checkpoint)
-from train.config import ConfigError, load_config, to_yaml
-from train import warmstart
-from train.data import Corpus, DataConfig, Tokenizer, build_corpus, build_tokenizer, sample_windows
-from train.sampling import domain_samples
+from moe_playground.train.config import ConfigError, load_config, to_yaml
+from moe_playground.train import warmstart
+from moe_playground.train.data import Corpus, DataConfig, Tokenizer, build_corpus, build_tokenizer, sample_windows
+from moe_playground.train.sampling import domain_samples
 
 # ---- config -------------------------------------------------------------------------------
 

@@ -47,11 +47,11 @@ import yaml
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from train import plots
-from train.checkpoint import (DONE_MARKER, RunDirError, atomic_write_text, check_run_name, clear_run_dir, latest_checkpoint,
+from moe_playground.train import plots
+from moe_playground.train.checkpoint import (DONE_MARKER, RunDirError, atomic_write_text, check_run_name, clear_run_dir, latest_checkpoint,
                               mark_run_dir, run_dir_lock)
-from train.config import ConfigError, load_config, read_yaml_mapping
-from train.lm import LMRunConfig, config_changes
+from moe_playground.train.config import ConfigError, load_config, read_yaml_mapping
+from moe_playground.train.lm import LMRunConfig, config_changes
 
 SWEEP_KEYS = {
     "name": "sweep name (default: the file name)",
@@ -285,7 +285,7 @@ def _die_with_sweep() -> Callable[[], None] | None:
 
 def _command(run: Run, sweep: Sweep, state: str, threads: int) -> list[str]:
     flag = {"resume": ["--resume"], "restart": ["--overwrite"]}.get(state, [])
-    return [sys.executable, "-m", "train.lm", str(sweep.config), *run.overrides,
+    return [sys.executable, "-m", "moe_playground.train.lm", str(sweep.config), *run.overrides,
             f"train.threads={threads}", "log.progress=false", *flag]
 
 
@@ -555,7 +555,7 @@ def write_results(sweep: Sweep, report: Path | None = None) -> list[dict]:
 
 def _specialization(sweep: Sweep) -> list[tuple[str, str, str]]:
     """Routing-by-domain analysis of each MoE variant's first finished run: (caption, image, table)."""
-    from train.analyze import analyze  # imported here: it loads models, which the plain runner never needs
+    from moe_playground.train.analyze import analyze  # imported here: it loads models, which the plain runner never needs
 
     out = []
     for variant in sweep.variants:

@@ -24,8 +24,8 @@ from typing import Callable
 
 import torch
 
-from models.moe import MoEConfig
-from models.transformer import TransformerConfig
+from moe_playground.models.moe import MoEConfig
+from moe_playground.models.transformer import TransformerConfig
 
 # ---- which architecture ----------------------------------------------------------------------
 

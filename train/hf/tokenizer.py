@@ -6,7 +6,7 @@ The byte tokenizer (id = byte value) becomes a byte-level BPE with no merges who
 
 from __future__ import annotations
 
-from train.data import BPETokenizer, ByteTokenizer
+from moe_playground.train.data import BPETokenizer, ByteTokenizer
 
 
 def byte_symbols() -> list[str]:
