@@ -187,6 +187,12 @@ def test_import_llama_first_batch_loss_equals_transformers(tmp_path):
     assert abs(first["train_loss"] - hf_loss) < 1e-4 and hf_loss > 1.0
     saved = load_config(LMRunConfig, Path(summary["run_dir"]) / "config.yaml")
     assert (saved.model.n_kv_head, saved.model.tie_embeddings, saved.model.rope_theta, saved.model.vocab_size) == (2, False, 5e5, 300)
+    # the run exports back to a Llama with the checkpoint's own tokenizer
+    assert export_main([summary["run_dir"], "--out", str(tmp_path / "export")]) == 0
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x).logits, load_run(summary["run_dir"]).model(x).logits, atol=1e-4, rtol=0)
+    assert (tmp_path / "export" / "tokenizer.json").read_text() == (folder / "tokenizer.json").read_text()
 
 
 def test_import_refuses_what_is_not_a_llama(tmp_path, capsys):
