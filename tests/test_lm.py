@@ -1,10 +1,7 @@
 """The toy LM and its trainer: causality, learning, resume, checkpoints, NaN, bad input, DDP."""
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -310,16 +307,8 @@ def test_missing_config_file_and_bad_base(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_match_one_process_at_equal_global_batch(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    common = [TINY, "train.steps=12", "log.log_every=1", "log.eval_every=6", "model.dropout=0.0"]
-    one = subprocess.run([sys.executable, "-m", "train.lm", *common, f"out_dir={tmp_path}/one", "train.batch_size=8"],
-                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-                          "-m", "train.lm", *common, f"out_dir={tmp_path}/two", "train.batch_size=4"],
-                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-2000:]
+def test_ddp_two_processes_match_one_process_at_equal_global_batch(tmp_path, one_and_two_processes):
+    one_and_two_processes([TINY, "train.steps=12", "log.log_every=1", "log.eval_every=6", "model.dropout=0.0"], 8, 29517)
     a, b = metrics(tmp_path / "one/tiny"), metrics(tmp_path / "two/tiny")
     assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) == 12
     assert [r["tokens"] for r in a] == [r["tokens"] for r in b]
