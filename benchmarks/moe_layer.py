@@ -1,20 +1,33 @@
-"""Forward+backward time and peak memory of the MoE layer, side by side.
+"""Speed and peak memory of the MoE layer, side by side.
 
-    python -m benchmarks.moe_layer [--repeats 9] [--tokens 4096]
+    python -m benchmarks.moe_layer [--sections headline,latency,grid] [--repeats 9] [--tokens 4096]
+                                   [--grid-tokens 256,4096,16384] [--threads 2]
 
-For each config it times, interleaved round-robin so machine noise hits all alike:
-  moe           this layer as configured by default (dispatch="grouped_mm")
-  moe_auto      this layer with dispatch="auto" (here: one padded bmm per projection)
-  dense_floor   models.transformer.SwiGLU with the same active FLOPs per token (what no sparse
-                layer can beat), with the same cat-free activation backward the MoE uses
-  hf_<impl>     transformers' Qwen2MoeSparseMoeBlock under each experts implementation;
-                batched_mm gathers a full copy of the expert weights for every
-                token-expert pair (T*K*3*H*D floats, 9.6 GB forward alone on the fine
-                config), so it is skipped, and said so, above --max-gib
-Ratios are taken against the dense floor. Peak memory is the high-water
-mark of tensor storage created during one forward+backward (tracked op by op
-with a dispatch mode), above what was live before it. Prints a table, then one
-line of JSON with the ratios.
+Every timing interleaves its candidates round-robin, so machine noise hits all alike, and reports
+the median. Three sections:
+
+headline  forward+backward at --tokens tokens on two configs (fine: 64 x 128, top-6, 2 shared;
+          coarse: 8 x 512, top-2):
+            moe           this layer as configured by default (dispatch="grouped_mm")
+            moe_auto      this layer with dispatch="auto"
+            dense_floor   models.transformer.SwiGLU with the same active FLOPs per token (what no
+                          sparse layer can beat), with the same cat-free activation backward
+            hf_<impl>     transformers' Qwen2MoeSparseMoeBlock under each experts implementation;
+                          batched_mm gathers a full copy of the expert weights for every
+                          token-expert pair, so it is skipped, and said so, above --max-gib
+          with each one's peak memory: the high-water mark of tensor storage created during one
+          forward+backward (tracked op by op with a dispatch mode), above what was live before.
+latency   sampling-sized batches (T in 1, 8, 64), forward only, eval mode, no grad: moe and
+          moe_auto against the dense floor on both configs.
+grid      efficiency = time of one matmul chain of the same FLOPs (all T*(k + shared) rows through
+          one expert-sized SwiGLU, forward+backward) / this layer's time, over E in 8, 32, 64,
+          128, k in 1, 2, 6, 8, without and with 2 shared experts, T in --grid-tokens; experts of
+          128 hidden units, d_model 256. Under learned-like routing (router weights ~ N(0, 1/D),
+          so logits have unit spread and loads are uneven as in a trained router: its MaxVio is
+          printed) and forced uniform routing (MoEConfig.force_uniform_routing).
+          The issue's target: >= 0.9 wherever T*k/E >= 64 rows per expert; a cell that misses it
+          is marked with !.
+The last line is JSON with the ratios.
 """
 from __future__ import annotations
 
@@ -22,6 +35,7 @@ import argparse
 import json
 import statistics
 import time
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -29,8 +43,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from models.moe import MoE, MoEConfig
-from models.transformer import SwiGLU
+from moe_playground.models.moe import MoE, MoEConfig
+from moe_playground.models.transformer import SwiGLU
 
 CONFIGS = {
     # DeepSeekMoE-style: 64 fine-grained experts, top-6, 2 shared experts of the same size
@@ -39,6 +53,10 @@ CONFIGS = {
     "coarse": dict(d_model=256, n_routed_experts=8, expert_hidden=512, top_k=2),
 }
 HF_IMPLS = ("eager", "grouped_mm", "batched_mm")
+SECTIONS = ("headline", "latency", "grid")
+LATENCY_TOKENS = (1, 8, 64)
+GRID = dict(E=(8, 32, 64, 128), k=(1, 2, 6, 8), shared=(0, 2), d_model=256, hidden=128)
+TARGET_ROWS_PER_EXPERT, TARGET_EFFICIENCY = 64, 0.9
 
 
 def build(name: str, cfg: MoEConfig) -> nn.Module:
@@ -64,11 +82,40 @@ def step(model: nn.Module, x: torch.Tensor, g: torch.Tensor) -> None:
     y.backward(g)  # a dense incoming gradient, as from a real loss
 
 
-class PeakMemory(TorchDispatchMode):
-    """Live bytes of the storages ops create (freed ones dropped as their weak refs expire)."""
+def train_step(model: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Callable[[], None]:
+    def run() -> None:
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        step(model, x, g)
+    return run
 
-    def __init__(self):
+
+def interleaved(fns: dict[str, Callable[[], None]], repeats: int, inner: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each fn, `repeats` rounds of `inner` calls, candidates round-robin
+    within each round; one untimed warm-up round first (allocator, oneDNN kernels)."""
+    for f in fns.values():
+        f()
+    times = {n: [] for n in fns}
+    for _ in range(repeats):
+        for n, f in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                f()
+            times[n].append((time.perf_counter() - t0) / inner)
+    return times
+
+
+def median_ms(times: dict[str, list[float]]) -> dict[str, float]:
+    return {n: statistics.median(t) * 1e3 for n, t in times.items()}
+
+
+class PeakMemory(TorchDispatchMode):
+    """Live bytes of the storages ops create (freed ones dropped as their weak refs expire); views
+    of the tensors in `existing` (weights, inputs) are not new storage."""
+
+    def __init__(self, existing: list[torch.Tensor]):
         super().__init__()
+        self.existing = {t.untyped_storage().data_ptr() for t in existing}
         self.live: dict[int, tuple[StorageWeakRef, int]] = {}
         self.peak = 0
 
@@ -76,7 +123,7 @@ class PeakMemory(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         self.live = {k: v for k, v in self.live.items() if not v[0].expired()}
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.existing:
                 storage = t.untyped_storage()
                 self.live.setdefault(storage.data_ptr(), (StorageWeakRef(storage), storage.nbytes()))
         self.peak = max(self.peak, sum(n for _, n in self.live.values()))
@@ -86,27 +133,15 @@ class PeakMemory(TorchDispatchMode):
 def peak_bytes(model: nn.Module, x: torch.Tensor, g: torch.Tensor) -> int:
     model.zero_grad(set_to_none=True)
     x.grad = None
-    with PeakMemory() as mem:
+    with PeakMemory([*model.parameters(), *model.buffers(), x, g]) as mem:
         step(model, x, g)
     return mem.peak
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=9, help="timed rounds per candidate (median reported)")
-    ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--configs", default="fine,coarse", help=f"comma list from {list(CONFIGS)}")
-    ap.add_argument("--max-gib", type=float, default=4.0,
-                    help="skip hf_batched_mm when its per-pair weight copies would exceed this")
-    args = ap.parse_args()
-    names = [c for c in args.configs.split(",") if c]
-    bad = [c for c in names if c not in CONFIGS]
-    if bad or args.repeats < 1 or args.tokens < 1:
-        raise SystemExit(f"--configs must be from {list(CONFIGS)} (got {bad}); --repeats and --tokens must be >= 1")
-
+def headline(args, summary: dict) -> None:
     candidates = ["moe", "moe_auto", "dense_floor"] + [f"hf_{i}" for i in HF_IMPLS]
-    rows, summary, skipped = [], {}, []
-    for cname in names:
+    rows, skipped = [], []
+    for cname in args.configs:
         cfg = MoEConfig(**CONFIGS[cname])
         torch.manual_seed(0)
         pair_gib = args.tokens * cfg.experts_per_token * 3 * cfg.hidden_per_expert * cfg.d_model * 4 / 2**30
@@ -117,17 +152,8 @@ def main() -> None:
         models = {n: build(n, cfg) for n in todo}
         x = torch.randn(args.tokens // 8, 8, cfg.d_model, requires_grad=True)
         g = torch.randn_like(x)
-        for m in models.values():  # warm up (allocator, oneDNN kernels)
-            step(m, x, g)
-        times = {n: [] for n in todo}
-        for _ in range(args.repeats):
-            for n, m in models.items():
-                m.zero_grad(set_to_none=True)
-                x.grad = None
-                t0 = time.perf_counter()
-                step(m, x, g)
-                times[n].append(time.perf_counter() - t0)
-        med = {n: statistics.median(t) * 1e3 for n, t in times.items()}
+        times = interleaved({n: train_step(m, x, g) for n, m in models.items()}, args.repeats)
+        med = median_ms(times)
         peak = {n: peak_bytes(m, x, g) / 2**20 for n, m in models.items()}
         for n in todo:
             rows.append((cname, n, med[n], min(times[n]) * 1e3, peak[n], med[n] / med["dense_floor"]))
@@ -140,14 +166,109 @@ def main() -> None:
             "moe_peak_over_dense": round(peak["moe"] / peak["dense_floor"], 3),
             "moe_peak_over_hf_best": round(peak["moe"] / peak[hf_best], 3),
         }
-
-    print(f"T={args.tokens} tokens, {args.repeats} interleaved rounds, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}")
+    print(f"\n## headline: T={args.tokens}, forward+backward, {args.repeats} interleaved rounds")
     print(f"{'config':8s} {'impl':16s} {'median ms':>10s} {'min ms':>8s} {'peak MiB':>9s} {'/dense':>7s}")
     for cname, n, m, lo, pk, r in rows:
         print(f"{cname:8s} {n:16s} {m:10.1f} {lo:8.1f} {pk:9.1f} {r:7.2f}")
     for line in skipped:
         print(line)
+
+
+def latency(args, summary: dict) -> None:
+    print(f"\n## latency: forward only, eval, no grad (sampling); median of {args.repeats} rounds")
+    print(f"{'config':8s} {'T':>4s} {'moe us':>9s} {'auto us':>9s} {'dense us':>9s} {'moe/dense':>10s} "
+          f"{'auto/dense':>11s}")
+    for cname in args.configs:
+        cfg = MoEConfig(**CONFIGS[cname])
+        torch.manual_seed(0)
+        models = {n: build(n, cfg).eval() for n in ("moe", "moe_auto", "dense_floor")}
+        for T in LATENCY_TOKENS:
+            x = torch.randn(T, cfg.d_model)
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                models["moe"](x)
+                inner = max(1, int(0.02 / max(time.perf_counter() - t0, 1e-6)))  # ~20 ms per timing
+                med = median_ms(interleaved({n: (lambda m=m: m(x)) for n, m in models.items()}, args.repeats, inner))
+            r, ra = med["moe"] / med["dense_floor"], med["moe_auto"] / med["dense_floor"]
+            print(f"{cname:8s} {T:4d} {med['moe'] * 1e3:9.1f} {med['moe_auto'] * 1e3:9.1f} "
+                  f"{med['dense_floor'] * 1e3:9.1f} {r:10.2f} {ra:11.2f}")
+            summary.setdefault(f"latency_{cname}", {})[f"T{T}"] = round(r, 3)
+
+
+def grid_cell(E: int, k: int, shared: int, T: int, uniform: bool, repeats: int) -> tuple[float, float]:
+    """-> (efficiency, MaxVio of the routing) of one grid cell."""
+    D, H = GRID["d_model"], GRID["hidden"]
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(d_model=D, n_routed_experts=E, expert_hidden=H, top_k=k, n_shared_experts=shared,
+                        force_uniform_routing=uniform))
+    with torch.no_grad():
+        moe.router.weight.normal_(std=D ** -0.5)  # learned-like: unit-spread logits, uneven loads
+    chain = SwiGLU(D, H)  # every row of the same work through one expert-sized SwiGLU
+    x = torch.randn(T, D, requires_grad=True)
+    xc = torch.randn(T * (k + shared), D, requires_grad=True)
+    times = median_ms(interleaved({"moe": train_step(moe, x, torch.randn_like(x)),
+                                   "chain": train_step(chain, xc, torch.randn_like(xc))}, repeats))
+    with torch.no_grad():
+        max_vio = moe(x)[1].max_vio.item()
+    return times["chain"] / times["moe"], max_vio
+
+
+def grid(args, summary: dict) -> None:
+    misses, hits = [], 0
+    for uniform in (False, True):
+        routing = "forced uniform" if uniform else "learned-like"
+        print(f"\n## grid, {routing} routing: efficiency (one-matmul-chain time / ours), forward+backward, "
+              f"d_model {GRID['d_model']}, experts of {GRID['hidden']}, {args.grid_repeats} rounds; "
+              f"! = below {TARGET_EFFICIENCY} with >= {TARGET_ROWS_PER_EXPERT} rows per expert")
+        print(f"{'E':>4s} {'k':>2s} {'shared':>6s} " + " ".join(f"{f'T={T}':>14s}" for T in args.grid_tokens))
+        for E in GRID["E"]:
+            for k in GRID["k"]:
+                if k > E:
+                    continue
+                for shared in GRID["shared"]:
+                    cells = []
+                    for T in args.grid_tokens:
+                        eff, vio = grid_cell(E, k, shared, T, uniform, args.grid_repeats)
+                        target = T * k / E >= TARGET_ROWS_PER_EXPERT
+                        miss = target and eff < TARGET_EFFICIENCY
+                        hits += target and not miss
+                        if miss:
+                            misses.append(f"E{E}k{k}s{shared}T{T}{'u' if uniform else ''}")
+                        cells.append(f"{eff:5.2f}{'!' if miss else ' '}" + ("" if uniform else f" vio {vio:4.2f}"))
+                    print(f"{E:4d} {k:2d} {shared:6d} " + " ".join(f"{c:>14s}" for c in cells))
+    print(f"grid: {hits} of {hits + len(misses)} cells with >= {TARGET_ROWS_PER_EXPERT} rows per expert reach "
+          f"efficiency {TARGET_EFFICIENCY}")
+    summary["grid_misses"] = misses
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list from {list(SECTIONS)}")
+    ap.add_argument("--repeats", type=int, default=9, help="timed rounds per candidate (median reported)")
+    ap.add_argument("--tokens", type=int, default=4096, help="headline batch in tokens")
+    ap.add_argument("--configs", default="fine,coarse", help=f"comma list from {list(CONFIGS)}")
+    ap.add_argument("--grid-tokens", default="256,4096,16384", help="comma list of T for the grid")
+    ap.add_argument("--grid-repeats", type=int, default=3, help="timed rounds per grid cell")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--max-gib", type=float, default=4.0,
+                    help="skip hf_batched_mm when its per-pair weight copies would exceed this")
+    args = ap.parse_args()
+    sections = [s for s in args.sections.split(",") if s]
+    args.configs = [c for c in args.configs.split(",") if c]
+    try:
+        args.grid_tokens = [int(t) for t in args.grid_tokens.split(",") if t]
+    except ValueError:
+        raise SystemExit(f"--grid-tokens must be a comma list of integers, got {args.grid_tokens!r}") from None
+    bad = [s for s in sections if s not in SECTIONS] + [c for c in args.configs if c not in CONFIGS]
+    if bad or min(args.repeats, args.grid_repeats, args.tokens, *args.grid_tokens, args.threads or 1) < 1:
+        raise SystemExit(f"--sections must be from {list(SECTIONS)}, --configs from {list(CONFIGS)} (got {bad}); "
+                         "--repeats, --grid-repeats, --tokens, --grid-tokens and --threads must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    summary = {}
+    for name in sections:
+        {"headline": headline, "latency": latency, "grid": grid}[name](args, summary)
     print(json.dumps(summary))
 
 

@@ -15,6 +15,7 @@ expert under expert-choice routing.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -23,8 +24,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.transformer import SwiGLU, SwiGLUActivation
-from models.validate import check
+from moe_playground.models.transformer import SwiGLU
+from moe_playground.models.validate import check
 
 
 # -----------------------------------------------------------------------------
@@ -66,6 +67,12 @@ class MoEConfig:
     router_jitter: float = 0.0  # multiplicative noise on the router input (train only)
     noisy_gating: bool = False  # Shazeer et al. 2017 learned-noise top-k (train only)
     routing: str = "token_choice"  # "token_choice" | "expert_choice" (non-causal)
+    # token choice ignores the router's choice and assigns round robin (token t's k-th slot goes to
+    # expert (t*K + k) mod E), so every expert gets T*K/E assignments; combine weights still come from
+    # the router's scores of those experts. For benchmarks and debugging, like torchtitan's
+    # _debug_force_load_balance, Megatron's moe_router_force_load_balancing, MegaBlocks'
+    # uniform_expert_assignment.
+    force_uniform_routing: bool = False
     # load balancing, each its own coefficient
     balance_alpha: float = 0.0  # expert-level
     # what the expert-level and device-level losses count f over: "micro_batch" (this forward's
@@ -79,17 +86,26 @@ class MoEConfig:
     n_devices: int = 1  # experts are split into this many groups for the device loss
     z_loss_coef: float = 0.0  # ST-MoE router z-loss
     bias_update_rate: float = 0.0  # aux-loss-free balancing gamma; 0 = off
-    # capacity: None = dropless; else each expert keeps ceil(cf * T * K / E) tokens
+    # MoE++ zero-computation experts (arXiv 2410.07348), in the router's pool beside the routed
+    # FFN experts, so a token can spend less compute: a zero expert outputs 0 (the slot is
+    # skipped), a copy expert outputs its input x, a constant expert a1*x + a2*v with a learned
+    # vector v and [a1, a2] = softmax(W_c x). They cost O(D) per token and are never dropped by
+    # capacity. Token choice only. MoEAux.metrics["routed_flops_per_token"] reports what the
+    # routed experts really computed.
+    n_zero_experts: int = 0
+    n_copy_experts: int = 0
+    n_constant_experts: int = 0
+    # capacity: None = dropless; else each expert keeps ceil(cf * T * K / E) tokens (E counts
+    # every expert in the router's pool, zero-computation ones included)
     capacity_factor: Optional[float] = None
-    # which assignments an over-full expert keeps (token choice). "score": its highest router
-    # scores (Megatron's "probs"); not causal, a later token can evict an earlier one. "position":
-    # earlier positions first (of every sequence in the batch), a token's first choice before its
-    # second (GShard, Switch); causal, a token's output never depends on later positions, which a
-    # language model needs for its training to match its decoding. The default stays "score",
-    # the policy the capacity results (docs/results/capacity.md) were measured with.
-    drop_policy: str = "score"
-    # capacity in eval mode: None = capacity_factor; another factor (Switch's eval capacity),
-    # or .inf for dropless evaluation
+    # which assignments an over-full expert keeps (token choice). "position" (default): earlier
+    # positions first (of every sequence in the batch), a token's first choice before its second
+    # (GShard, Switch); causal, a token's output never depends on later positions, which a
+    # language model needs for its training to match its decoding. "score": its highest router
+    # scores (Megatron's "probs"); not causal, a later token can evict an earlier one.
+    drop_policy: str = "position"
+    # capacity in eval mode: None = dropless evaluation; a factor (Switch's eval capacity) keeps
+    # that many per expert, e.g. the training capacity_factor to evaluate as trained
     eval_capacity_factor: Optional[float] = None
     # how the experts run on their tokens: "grouped_mm" (one grouped matmul per
     # projection), "padded_bmm" (every expert's group padded to the largest, one
@@ -105,6 +121,9 @@ class MoEConfig:
                      "n_devices"):
             v = getattr(self, name)
             check(isinstance(v, int) and v >= 1, f"moe.{name}={v!r} must be an integer >= 1")
+        for name in ("n_zero_experts", "n_copy_experts", "n_constant_experts"):
+            v = getattr(self, name)
+            check(isinstance(v, int) and v >= 0, f"moe.{name}={v!r} must be an integer >= 0")
         check(self.d_model is None or (isinstance(self.d_model, int) and self.d_model >= 1),
               f"moe.d_model={self.d_model!r} must be an integer >= 1, or None when a model passes its width")
         check(self.balance_scope in BALANCE_SCOPES,
@@ -161,11 +180,26 @@ class MoEConfig:
                       "(expert choice is balanced by construction)")
             check(self.n_groups == 1,
                   f"moe.n_groups={self.n_groups} must be 1 with routing='expert_choice'")
+        if self.n_null_experts:
+            for name, ok, why in (("routing", self.routing == "token_choice", "'token_choice'"),
+                                  ("n_groups", self.n_groups == 1, "1"), ("n_devices", self.n_devices == 1, "1")):
+                check(ok, f"moe.{name}={getattr(self, name)!r} must be {why} with zero-computation experts "
+                          f"(n_zero_experts + n_copy_experts + n_constant_experts = {self.n_null_experts})")
 
     @property
     def n_experts(self) -> int:
         """Routed experts after fine-grained segmentation."""
         return self.n_routed_experts * self.granularity
+
+    @property
+    def n_null_experts(self) -> int:
+        """MoE++ zero-computation experts (zero, copy, constant)."""
+        return self.n_zero_experts + self.n_copy_experts + self.n_constant_experts
+
+    @property
+    def n_pool(self) -> int:
+        """Experts the router scores: the routed FFN experts, then zero, copy and constant ones."""
+        return self.n_experts + self.n_null_experts
 
     @property
     def experts_per_token(self) -> int:
@@ -198,12 +232,10 @@ class MoEConfig:
 
     def capacity(self, n_tokens: int, training: bool = True) -> Optional[int]:
         """Token-choice assignments each expert keeps; None = all of them."""
-        factor = self.capacity_factor
-        if not training and self.eval_capacity_factor is not None:
-            factor = self.eval_capacity_factor
+        factor = self.capacity_factor if training else self.eval_capacity_factor
         if factor is None or math.isinf(factor):
             return None
-        return math.ceil(factor * n_tokens * self.experts_per_token / self.n_experts)
+        return math.ceil(factor * n_tokens * self.experts_per_token / self.n_pool)
 
 
 # -----------------------------------------------------------------------------
@@ -215,6 +247,10 @@ class MoEConfig:
 # slot order (deterministic). The two are each other's adjoint, so each one's
 # backward is the other, and both stay gathers: autograd would take a gather's
 # backward through index_add_, many times slower on a multi-threaded CPU.
+
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
 
 class SlotMap:
     def __init__(self, slot_A: torch.Tensor, row_A: torch.Tensor, T: int, K: int, n_rows: int):
@@ -228,18 +264,48 @@ class SlotMap:
         self.row_S[slot_A] = row_A
         self.pad_rows, self.dropped = A < n_rows, A < T * K
 
+    # without autograd the plain gathers run: an autograd.Function call costs more than the
+    # gather itself at sampling-sized batches
     def dispatch(self, x_TD: torch.Tensor) -> torch.Tensor:  # (T, D) -> (N, D)
-        return _Dispatch.apply(x_TD, self)
+        return _Dispatch.apply(x_TD, self) if needs_grad(x_TD) else self._dispatch(x_TD)
 
     def combine(self, out_ND: torch.Tensor) -> torch.Tensor:  # (N, D) -> (T, D)
-        return _Combine.apply(out_ND, self)
+        return _Combine.apply(out_ND, self) if needs_grad(out_ND) else self._combine(out_ND)
 
     def _dispatch(self, x_TD: torch.Tensor) -> torch.Tensor:
         return (F.pad(x_TD, (0, 0, 0, 1)) if self.pad_rows else x_TD).index_select(0, self.token_N)
 
     def _combine(self, out_ND: torch.Tensor) -> torch.Tensor:
-        out_SD = (F.pad(out_ND, (0, 0, 0, 1)) if self.dropped else out_ND).index_select(0, self.row_S)
-        return out_SD.view(self.T, self.K, -1).sum(dim=1)
+        out_ND = F.pad(out_ND, (0, 0, 0, 1)) if self.dropped else out_ND
+        if self.K == 1:
+            return out_ND.index_select(0, self.row_S)
+        # tokens in K chunks, so the slot-ordered copy is never larger than the (T, D) output
+        y_TD = out_ND.new_empty(self.T, out_ND.shape[-1])
+        for t in range(0, self.T, -(-self.T // self.K)):
+            y_chunk = y_TD[t:t + -(-self.T // self.K)]
+            rows = self.row_S[t * self.K:(t + y_chunk.shape[0]) * self.K]
+            torch.sum(out_ND.index_select(0, rows).view(y_chunk.shape[0], self.K, -1), dim=1, out=y_chunk)
+        return y_TD
+
+
+class TokenRows:
+    """Expert choice's rows: row a copies token token_A[a]; a token has any number of rows (or none).
+    Same interface as SlotMap; combine sums each token's rows with index_add_."""
+
+    def __init__(self, token_A: torch.Tensor, T: int):
+        self.token_A, self.T = token_A, T
+
+    def dispatch(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return _Dispatch.apply(x_TD, self) if needs_grad(x_TD) else self._dispatch(x_TD)
+
+    def combine(self, out_AD: torch.Tensor) -> torch.Tensor:
+        return _Combine.apply(out_AD, self) if needs_grad(out_AD) else self._combine(out_AD)
+
+    def _dispatch(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return x_TD.index_select(0, self.token_A)
+
+    def _combine(self, out_AD: torch.Tensor) -> torch.Tensor:
+        return out_AD.new_zeros(self.T, out_AD.shape[-1]).index_add_(0, self.token_A, out_AD)
 
 
 class _Dispatch(torch.autograd.Function):
@@ -267,6 +333,63 @@ class _Combine(torch.autograd.Function):
 # -----------------------------------------------------------------------------
 # experts
 
+class _GatheredGroupedMM(torch.autograd.Function):
+    """grouped_mm(rows._dispatch(x_TD), w_EDN) that saves x_TD, not its (A, D) gathered copy: the
+    backward gathers again (a copy pass is cheaper than keeping K copies of every token alive)."""
+
+    @staticmethod
+    def forward(ctx, x_TD, w_EDN, rows, offs_E):
+        ctx.rows, ctx.offs_E = rows, offs_E
+        ctx.save_for_backward(x_TD, w_EDN)
+        return F.grouped_mm(rows._dispatch(x_TD), w_EDN, offs=offs_E)
+
+    @staticmethod
+    def backward(ctx, g_AN):
+        x_TD, w_EDN = ctx.saved_tensors
+        g_AN = g_AN.contiguous()  # grouped_mm rejects stride-0 gradients (from y.sum())
+        g_x = g_w = None
+        if ctx.needs_input_grad[1]:
+            g_w = F.grouped_mm(ctx.rows._dispatch(x_TD).t(), g_AN, offs=ctx.offs_E)
+        if ctx.needs_input_grad[0]:
+            g_x = ctx.rows._combine(F.grouped_mm(g_AN, w_EDN.transpose(-2, -1), offs=ctx.offs_E))
+        return g_x, g_w, None, None
+
+
+class _WeightedSwiGLU(torch.autograd.Function):
+    """silu(gate) * up * weight of a fused [gate | up] tensor and per-row combine weights. Saves only
+    its inputs (the product is recomputed in backward for the weight's gradient) and writes
+    d[gate | up] into one buffer, as models.transformer.SwiGLUActivation does."""
+
+    @staticmethod
+    def forward(ctx, gate_up_AH2, weight_A1):
+        ctx.save_for_backward(gate_up_AH2, weight_A1)
+        gate_AH, up_AH = gate_up_AH2.chunk(2, dim=-1)
+        return (F.silu(gate_AH) * up_AH).mul_(weight_A1)
+
+    @staticmethod
+    def backward(ctx, d_AH):
+        gate_up_AH2, weight_A1 = ctx.saved_tensors
+        gate_AH, up_AH = gate_up_AH2.chunk(2, dim=-1)
+        d_gate_up_AH2 = torch.empty_like(gate_up_AH2)
+        d_gate_AH, d_up_AH = d_gate_up_AH2.chunk(2, dim=-1)
+        # one (A, H) temporary alive at a time, as in SwiGLUActivation: peak memory
+        torch.mul(d_AH, F.silu(gate_AH), out=d_up_AH)  # d * silu(gate), weight still to come
+        d_weight_A1 = (d_up_AH * up_AH).sum(dim=-1, keepdim=True)
+        d_up_AH.mul_(weight_A1)
+        torch.ops.aten.silu_backward.grad_input((d_AH * weight_A1).mul_(up_AH), gate_AH, grad_input=d_gate_AH)
+        return d_gate_up_AH2, d_weight_A1
+
+
+def looped_mm(a_AD: torch.Tensor, w_EDN: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """grouped_mm without autograd, skipping experts without rows (grouped_mm visits all E)."""
+    out_AN, start = a_AD.new_empty(a_AD.shape[0], w_EDN.shape[-1]), 0
+    for e, n in enumerate(counts):
+        if n:
+            torch.mm(a_AD[start:start + n], w_EDN[e], out=out_AN[start:start + n])
+            start += n
+    return out_AN
+
+
 class RoutedExperts(nn.Module):
     """E SwiGLU experts stored as 3-D weights, run on tokens already sorted by expert.
 
@@ -288,45 +411,109 @@ class RoutedExperts(nn.Module):
         if self.dispatch not in ("grouped_mm", "auto") or x_AD.dtype not in (torch.float32, torch.bfloat16,
                                                                              torch.float16):
             return False
+        if self.compile_fallback(x_AD.dtype):
+            return False
         H = self.w_down.shape[1]
         return all(n * x_AD.element_size() % 16 == 0 for n in (x_AD.shape[1], H, 2 * H))
 
-    def wants_padding(self, counts_E: torch.Tensor) -> bool:
-        if self.dispatch == "padded_bmm":
+    def compile_fallback(self, dtype: torch.dtype) -> bool:
+        """Under torch.compile, grouped_mm's fake-tensor check takes bf16 only: other dtypes run
+        padded_bmm instead (one warning)."""
+        if self.dispatch not in ("grouped_mm", "auto") or dtype == torch.bfloat16 \
+                or not torch.compiler.is_compiling():
+            return False
+        if not RoutedExperts.warned_compile:
+            RoutedExperts.warned_compile = True
+            warnings.warn(f"MoE dispatch={self.dispatch!r} under torch.compile: grouped_mm compiles only in "
+                          f"bf16, so the {dtype} experts run dispatch='padded_bmm' (same results)")
+        return True
+
+    warned_compile = False
+
+    def wants_padding(self, counts_E: torch.Tensor, dtype: torch.dtype = torch.float32) -> bool:
+        if self.dispatch == "padded_bmm" or self.compile_fallback(dtype):
             return True
         return self.dispatch == "auto" and counts_E.numel() * counts_E.max().item() <= 1.25 * counts_E.sum().item()
 
-    def forward(self, x_AD: torch.Tensor, counts_E: torch.Tensor, weight_A: torch.Tensor,
-                padded: bool = False) -> torch.Tensor:
-        """x_AD: rows grouped by expert, counts_E[e] rows for expert e, in order; weight_A: combine
-        weights. padded: every expert has the same number of rows (padding rows are zero)."""
+    def forward(self, x_TD: torch.Tensor, rows: SlotMap | TokenRows, counts_E: torch.Tensor,
+                weight_A: torch.Tensor, padded: bool = False) -> torch.Tensor:
+        """Experts' outputs on rows.dispatch(x_TD): rows grouped by expert, counts_E[e] rows for
+        expert e, in order; weight_A: combine weights. padded: every expert has the same number
+        of rows (padding rows are zero)."""
         E, H, D = self.w_down.shape
-        # x_AD comes in the compute dtype (autocast's, if on) and every operand is cast to it,
+        # x_TD comes in the compute dtype (autocast's, if on) and every operand is cast to it,
         # so the output dtype does not depend on which ops autocast happens to list
-        w_gate_up, w_down = self.w_gate_up.to(x_AD.dtype), self.w_down.to(x_AD.dtype)
-        weight_A1 = weight_A.to(x_AD.dtype).unsqueeze(-1)
+        w_gate_up, w_down = self.w_gate_up.to(x_TD.dtype), self.w_down.to(x_TD.dtype)
+        weight_A1 = weight_A.to(x_TD.dtype).unsqueeze(-1)
         if padded:  # (E*M, D) -> (E, M, D): one batched matmul per projection
-            out_EMD = self.swiglu(x_AD.view(E, -1, D), weight_A1.view(E, -1, 1), w_gate_up, w_down, torch.bmm)
-            return out_EMD.flatten(0, 1)
-        if self.uses_grouped_mm(x_AD):
+            x_EMD = rows.dispatch(x_TD).view(E, -1, D)
+            h_EMH = self.activation(torch.bmm(x_EMD, w_gate_up), weight_A1.view(E, -1, 1))
+            return torch.bmm(h_EMH, w_down).flatten(0, 1)
+        grad = needs_grad(x_TD, w_gate_up)
+        if self.uses_grouped_mm(x_TD) and (grad or weight_A.shape[0] >= self.loop_below_rows_per_expert * E):
             offs_E = counts_E.cumsum(0, dtype=torch.int32)  # cumulative ends, as grouped_mm wants
-            return self.swiglu(x_AD, weight_A1, w_gate_up, w_down, lambda a, w: F.grouped_mm(a, w, offs=offs_E))
-        out_AD, start = [], 0
+            if grad:
+                gate_up_AH2 = _GatheredGroupedMM.apply(x_TD, w_gate_up, rows, offs_E)
+            else:
+                gate_up_AH2 = F.grouped_mm(rows._dispatch(x_TD), w_gate_up, offs=offs_E)
+            return F.grouped_mm(self.activation(gate_up_AH2, weight_A1), w_down, offs=offs_E)
+        if not grad:  # inference: one matmul per expert that has rows, into one buffer
+            counts = counts_E.tolist()
+            h_AH = self.activation(looped_mm(rows._dispatch(x_TD), w_gate_up, counts), weight_A1)
+            return looped_mm(h_AH, w_down, counts)
+        x_AD, out_AD, start = rows.dispatch(x_TD), [], 0
         for e, n in enumerate(counts_E.tolist()):
-            gate_nH, up_nH = (x_AD[start:start + n] @ w_gate_up[e]).chunk(2, dim=-1)
-            out_AD.append((F.silu(gate_nH) * up_nH) @ w_down[e])
+            h_nH = self.activation(x_AD[start:start + n] @ w_gate_up[e], weight_A1[start:start + n])
+            out_AD.append(h_nH @ w_down[e])
             start += n
-        return torch.cat(out_AD) * weight_A1
+        return torch.cat(out_AD)
+
+    # inference runs looped_mm below this many rows per expert (most experts then have none: grouped_mm
+    # would still visit them all); measured crossover on CPU, benchmarks/moe_layer.py latency section
+    loop_below_rows_per_expert = 1.0
 
     @staticmethod
-    def swiglu(x: torch.Tensor, weight: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
-               matmul) -> torch.Tensor:
-        """Both projections through `matmul`; the combine weight goes on the narrower of H and D."""
-        H, D = w_down.shape[-2:]
-        h = SwiGLUActivation.apply(matmul(x, w_gate_up))
-        if H <= D:
-            return matmul(h * weight, w_down)
-        return matmul(h, w_down) * weight
+    def activation(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up * combine weight, on the hidden side: the down projection's output then
+        needs no extra pass, and backward keeps nothing but gate_up."""
+        if needs_grad(gate_up, weight):
+            return _WeightedSwiGLU.apply(gate_up, weight)
+        gate, up = gate_up.chunk(2, dim=-1)  # no autograd.Function call: its overhead counts at tiny batches
+        return (F.silu(gate) * up).mul_(weight)
+
+
+class ZeroComputationExperts(nn.Module):
+    """MoE++'s zero-computation experts (Jin et al. 2024, arXiv 2410.07348), pool indices from
+    `first` on: zero experts (output 0), then copy experts (output x), then constant experts
+    (output a1*x + a2*v_c, [a1, a2] = softmax(W_c x), v_c and W_c learned). forward returns the
+    weighted sum of their outputs over each token's chosen slots; nothing is gathered or sorted."""
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        C, D = cfg.n_constant_experts, cfg.d_model
+        self.first_copy = cfg.n_experts + cfg.n_zero_experts
+        self.first_constant = self.first_copy + cfg.n_copy_experts
+        self.vector_CD = nn.Parameter(torch.empty(C, D)) if C else None
+        self.gate_weight = nn.Parameter(torch.empty(2 * C, D)) if C else None  # rows c*2, c*2+1: W_c
+
+    def forward(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Tensor) -> torch.Tensor:
+        w_TK = weight_TK.to(x_TD.dtype)
+        copy_TK = (idx_TK >= self.first_copy) & (idx_TK < self.first_constant)
+        x_coef_T = (w_TK * copy_TK).sum(dim=-1)
+        out_TD = None
+        if self.vector_CD is not None:
+            T, K = idx_TK.shape
+            C = self.vector_CD.shape[0]
+            const_TK = idx_TK >= self.first_constant
+            c_TK = (idx_TK - self.first_constant).clamp(min=0)
+            a_TC2 = F.linear(x_TD, self.gate_weight.to(x_TD.dtype)).view(T, C, 2).softmax(dim=-1).to(x_TD.dtype)
+            a_TK2 = a_TC2.gather(1, c_TK.unsqueeze(-1).expand(T, K, 2))
+            wc_TK = w_TK * const_TK
+            x_coef_T = x_coef_T + (wc_TK * a_TK2[..., 0]).sum(dim=-1)
+            v_coef_TC = x_TD.new_zeros(T, C).scatter_add(1, c_TK, wc_TK * a_TK2[..., 1])
+            out_TD = v_coef_TC @ self.vector_CD.to(x_TD.dtype)
+        y_TD = x_coef_T.unsqueeze(-1) * x_TD
+        return y_TD if out_TD is None else y_TD + out_TD
 
 
 # -----------------------------------------------------------------------------
@@ -353,10 +540,10 @@ class Router(nn.Module):
     def __init__(self, cfg: MoEConfig):
         super().__init__()
         self.cfg = cfg
-        self.weight = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model))
+        self.weight = nn.Parameter(torch.empty(cfg.n_pool, cfg.d_model))
         # Shazeer et al. 2017: learned per-expert noise scale, softplus(x . w_noise)
-        self.noise_weight = nn.Parameter(torch.zeros(cfg.n_experts, cfg.d_model)) if cfg.noisy_gating else None
-        self.register_buffer("expert_bias", torch.zeros(cfg.n_experts))  # persistent: saved in checkpoints
+        self.noise_weight = nn.Parameter(torch.zeros(cfg.n_pool, cfg.d_model)) if cfg.noisy_gating else None
+        self.register_buffer("expert_bias", torch.zeros(cfg.n_pool))  # persistent: saved in checkpoints
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         dtype = torch.promote_types(x_TD.dtype, torch.float32)  # fp32, or fp64 under gradcheck
@@ -402,6 +589,9 @@ class Router(nn.Module):
             if cfg.n_groups > 1:
                 choice_TE = self.limit_groups(choice_TE)
             idx_TK = choice_TE.topk(cfg.experts_per_token, dim=-1).indices
+            if cfg.force_uniform_routing:
+                T, K = idx_TK.shape
+                idx_TK = torch.arange(T * K, device=idx_TK.device).view(T, K) % choice_TE.shape[-1]
         scores_TK = scores_TE.gather(1, idx_TK)
         weights_TK = scores_TK
         if cfg.norm_topk:
@@ -475,17 +665,20 @@ def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
 class Dispatch:
     token_A: torch.Tensor  # token of each kept assignment, grouped by expert
     weight_A: torch.Tensor  # its combine weight
-    counts_E: torch.Tensor  # kept assignments per expert (sums to A)
-    routed_E: torch.Tensor  # assignments the router chose per expert, before capacity drops
+    counts_E: torch.Tensor  # kept assignments per routed FFN expert (sums to A)
+    routed_E: torch.Tensor  # assignments the router chose per expert of the pool, before capacity drops
     drop_fraction: torch.Tensor  # token choice: dropped / (T*K); expert choice: tokens no expert took / T
     slot_A: Optional[torch.Tensor] = None  # token choice: index t*K + k of each kept assignment
 
 
-def token_choice_dispatch(routing: Routing, capacity: Optional[int], drop_policy: str, n_seq: int) -> Dispatch:
+def token_choice_dispatch(routing: Routing, capacity: Optional[int], drop_policy: str, n_seq: int,
+                          n_ffn: Optional[int] = None) -> Dispatch:
     """Sort the T*K assignments by expert; with a capacity, each expert keeps its `capacity`
-    first in drop_policy's order (see MoEConfig.drop_policy). The T tokens are n_seq sequences."""
+    first in drop_policy's order (see MoEConfig.drop_policy). The T tokens are n_seq sequences.
+    Experts n_ffn and up of the pool are zero-computation ones: never dropped, left out of the plan."""
     T, K = routing.idx_TK.shape
     E = routing.logits_TE.shape[-1]
+    n_ffn = E if n_ffn is None else n_ffn
     expert_A = routing.idx_TK.reshape(-1)  # (T*K,), assignment a is token a // K
     routed_E = torch.bincount(expert_A, minlength=E)
     if capacity is None:
@@ -503,8 +696,11 @@ def token_choice_dispatch(routing: Routing, capacity: Optional[int], drop_policy
         rank_A = torch.arange(T * K, device=expert_A.device) - starts_E[expert_A[order_A]]
         order_A = order_A[rank_A < capacity]
         counts_E = routed_E.clamp(max=capacity)
+    if n_ffn < E:  # in expert order the FFN experts' assignments come first
+        counts_E = counts_E[:n_ffn]
+        order_A = order_A[:int(counts_E.sum())]
     weight_A = routing.weights_TK.reshape(-1).index_select(0, order_A)
-    drop_fraction = routing.logits_TE.new_tensor(1 - order_A.numel() / (T * K))
+    drop_fraction = (routed_E[:n_ffn].sum() - counts_E.sum()).to(routing.logits_TE.dtype) / (T * K)
     return Dispatch(order_A // K, weight_A, counts_E, routed_E, drop_fraction, slot_A=order_A)
 
 
@@ -525,6 +721,12 @@ def expert_choice_dispatch(routing: Routing, capacity: int, route_scale: float) 
 # -----------------------------------------------------------------------------
 # the layer
 
+def recomputing() -> bool:
+    """True while the autograd engine runs a backward pass: a forward that runs then is activation
+    checkpointing's recomputation (torch.utils.checkpoint, reentrant or not) of one already counted."""
+    return torch._C._current_graph_task_id() != -1
+
+
 @dataclass
 class MoEAux:
     """Each auxiliary loss (already times its coefficient; zero when off) and the routing metrics."""
@@ -536,6 +738,10 @@ class MoEAux:
     drop_fraction: torch.Tensor
     max_vio: torch.Tensor  # (max load - mean load) / mean load
     router_entropy: torch.Tensor  # mean over tokens of the entropy of probs_TE, in nats
+    # forward FLOPs of the routed FFN experts per token, as computed: 2 * 3*D*H per kept
+    # assignment (zero-computation experts and dropped assignments cost none; shared experts
+    # and the router are not routed)
+    routed_flops_per_token: torch.Tensor
     # balance_scope="global": the expert-level loss with this micro-batch's own counts, to log
     # beside balance_loss (whose counts are pooled); None otherwise
     micro_balance_loss: Optional[torch.Tensor] = None
@@ -549,7 +755,8 @@ class MoEAux:
     def metrics(self) -> dict[str, torch.Tensor]:
         """Detached tensors, so reading them every step costs no device sync; float() them to log."""
         metrics = {"tokens_per_expert": self.tokens_per_expert, "drop_fraction": self.drop_fraction,
-                   "max_vio": self.max_vio, "router_entropy": self.router_entropy}
+                   "max_vio": self.max_vio, "router_entropy": self.router_entropy,
+                   "routed_flops_per_token": self.routed_flops_per_token}
         if self.micro_balance_loss is not None:
             metrics["micro_balance_loss"] = self.micro_balance_loss
         return metrics
@@ -571,12 +778,13 @@ class MoE(nn.Module):
         self.cfg = cfg
         self.router = Router(cfg)
         self.experts = RoutedExperts(cfg)
+        self.null_experts = ZeroComputationExperts(cfg) if cfg.n_null_experts else None
         self.shared = SwiGLU(cfg.d_model, cfg.shared_hidden) if cfg.n_shared_experts else None
         self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False) if cfg.shared_gate else None
         # routed counts since the last after_optimizer_step(), pooled over DDP ranks under
         # balance_scope="global"; a plain attribute, not a buffer, so neither checkpoints nor
         # DDP buffer broadcasts touch it
-        self.load_E = torch.zeros(cfg.n_experts)
+        self.load_E = torch.zeros(cfg.n_pool)
         self.reset_parameters()
 
     def reset_parameters(self, out_scale: float = 1.0) -> None:
@@ -594,7 +802,7 @@ class MoE(nn.Module):
         """Parameters one token uses: router, shared experts and top_k routed experts."""
         cfg = self.cfg
         routed = cfg.experts_per_token * 3 * cfg.d_model * cfg.hidden_per_expert
-        dense = [self.router, self.shared, self.shared_gate]
+        dense = [self.router, self.shared, self.shared_gate, self.null_experts]
         return routed + sum(p.numel() for m in dense if m is not None for p in m.parameters())
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
@@ -611,15 +819,16 @@ class MoE(nn.Module):
 
         routing = self.router(x_TD)
         if cfg.routing == "token_choice":
-            plan = token_choice_dispatch(routing, cfg.capacity(T, self.training), cfg.drop_policy, n_seq)
+            plan = token_choice_dispatch(routing, cfg.capacity(T, self.training), cfg.drop_policy, n_seq,
+                                         cfg.n_experts)
         else:
-            capacity = math.ceil((cfg.capacity_factor or 1.0) * T * cfg.experts_per_token / cfg.n_experts)
+            capacity = math.ceil((cfg.capacity_factor or 1.0) * T * cfg.experts_per_token / cfg.n_pool)
             plan = expert_choice_dispatch(routing, capacity, cfg.route_scale)
 
         # gather -> experts -> weighted sum back to the tokens
         if plan.slot_A is not None:  # token choice
             counts_E, row_A = plan.counts_E, torch.arange(plan.slot_A.numel(), device=x_TD.device)
-            padded = self.experts.wants_padding(counts_E)
+            padded = self.experts.wants_padding(counts_E, dtype)
             if padded:  # every expert's group padded with zero rows to the largest, M
                 E, M = counts_E.numel(), int(counts_E.max())
                 expert_A = torch.repeat_interleave(torch.arange(E, device=x_TD.device), counts_E)
@@ -628,13 +837,12 @@ class MoE(nn.Module):
             n_rows = int(counts_E.sum())
             slots = SlotMap(plan.slot_A, row_A, T, cfg.experts_per_token, n_rows)
             weight_N = plan.weight_A.new_zeros(n_rows).index_copy(0, row_A, plan.weight_A) if padded else plan.weight_A
-            out_ND = self.experts(slots.dispatch(xe_TD), counts_E, weight_N, padded)
-            y_TD = slots.combine(out_ND)
-        else:
-            # expert choice: a token can reach any number of experts
-            out_AD = self.experts(xe_TD.index_select(0, plan.token_A), plan.counts_E, plan.weight_A,
-                                  padded=self.experts.wants_padding(plan.counts_E))  # groups are equal
-            y_TD = torch.zeros_like(xe_TD).index_add_(0, plan.token_A, out_AD)
+        else:  # expert choice: a token can reach any number of experts; every group has the same size
+            counts_E, slots, weight_N = plan.counts_E, TokenRows(plan.token_A, T), plan.weight_A
+            padded = self.experts.wants_padding(counts_E, dtype)
+        y_TD = slots.combine(self.experts(xe_TD, slots, counts_E, weight_N, padded))
+        if self.null_experts is not None:
+            y_TD = y_TD + self.null_experts(xe_TD, routing.idx_TK, routing.weights_TK)
 
         if self.shared is not None:
             shared_TD = self.shared(x_TD)
@@ -649,8 +857,8 @@ class MoE(nn.Module):
         zero = routing.logits_TE.new_zeros(())
         counts_E = plan.routed_E
         pooled = self.training and cfg.balance_scope == "global"
-        if self.training and (cfg.bias_update_rate > 0 or pooled):
-            # once per forward: activation checkpointing's recomputed forward would count twice
+        if self.training and (cfg.bias_update_rate > 0 or pooled) and not recomputing():
+            # once per forward: activation checkpointing's recomputed forward must not count twice
             self.load_E = self.load_E.to(counts_E.device) + (self.all_reduce(counts_E.float()) if pooled else counts_E)
         balance_counts_E = self.load_E if pooled else counts_E
         with torch.no_grad():
@@ -673,6 +881,7 @@ class MoE(nn.Module):
             drop_fraction=plan.drop_fraction,
             max_vio=max_vio,
             router_entropy=entropy,
+            routed_flops_per_token=plan.counts_E.sum().detach() * (6 * cfg.d_model * cfg.hidden_per_expert / T),
             micro_balance_loss=coef(cfg.balance_alpha, lambda: balance_loss(counts_E, probs_TE.detach()))
             if pooled else None,
         )

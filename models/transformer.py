@@ -5,7 +5,7 @@ n_kv_head < n_head) with rotary position embeddings -> RMSNorm -> feed-forward,
 tied or untied input/output embeddings: the Llama architecture, so a model maps
 one to one onto transformers' LlamaForCausalLM (train/hf/). The
 feed-forward block of each layer comes from a factory, so a sparse layer (the
-MoE of models/moe.py) plugs in without touching this file: a block may return
+MoE of models/moe.py, the memory layers of models/memory/) plugs in without touching this file: a block may return
 either `y` or `(y, aux)`, where `aux` carries auxiliary losses (`aux.losses`,
 a dict of scalar tensors) and metrics (`aux.metrics`). A sparse block also
 initialises itself (`reset_parameters(out_scale)`) and may keep state across
@@ -28,7 +28,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.validate import check
+from moe_playground.models.validate import check
+
+
+# model.ffn: "dense" SwiGLU everywhere, or the sparse block a factory builds (train/lm.py maps each name to its layer)
+FFN_KINDS = ("dense", "moe", "pkm", "ema_slot")
 
 
 @dataclass
@@ -45,8 +49,8 @@ class TransformerConfig:
     dropout: float = 0.0
     init_std: float = 0.02
     tie_embeddings: bool = True    # the output projection is the input embedding (False: its own matrix)
-    # which feed-forward block each layer gets: "dense" everywhere, or "moe" on the layers
-    # chosen by moe_layer_freq (every n-th) after the first `first_k_dense` dense ones (DeepSeekMoE)
+    # which feed-forward block each layer gets: "dense" everywhere, or a sparse one of FFN_KINDS on
+    # the layers chosen by moe_layer_freq (every n-th) after the first `first_k_dense` dense ones (DeepSeekMoE)
     ffn: str = "dense"
     moe_layer_freq: int = 1
     first_k_dense: int = 0
@@ -58,7 +62,7 @@ class TransformerConfig:
         check(self.n_kv_head is None or (self.n_kv_head >= 1 and self.n_head % self.n_kv_head == 0),
               f"model.n_kv_head={self.n_kv_head} must divide model.n_head={self.n_head} (or be null for n_head)")
         check((self.d_model // self.n_head) % 2 == 0, f"model.d_model/n_head={self.d_model // self.n_head} must be even (rotary embeddings rotate pairs)")
-        check(self.ffn in ("dense", "moe"), f"model.ffn={self.ffn!r} must be 'dense' or 'moe'")
+        check(self.ffn in FFN_KINDS, f"model.ffn={self.ffn!r} must be one of {FFN_KINDS}")
         check(0 <= self.first_k_dense <= self.n_layer, f"model.first_k_dense={self.first_k_dense} must be in [0, n_layer={self.n_layer}]")
         check(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
         check(self.rope_theta > 0 and self.norm_eps > 0 and self.init_std > 0, "model.rope_theta, norm_eps and init_std must be > 0")
@@ -72,7 +76,7 @@ class TransformerConfig:
         return self.d_model // self.n_head
 
     def is_sparse_layer(self, i: int) -> bool:
-        return self.ffn == "moe" and i >= self.first_k_dense and (i - self.first_k_dense) % self.moe_layer_freq == 0
+        return self.ffn != "dense" and i >= self.first_k_dense and (i - self.first_k_dense) % self.moe_layer_freq == 0
 
 
 class RMSNorm(nn.Module):

@@ -13,6 +13,11 @@ at the chosen layers of the frozen base model (`document_states`). Designs:
                        emits row j of A_t and column j of B_t. Nothing is pooled
                        away, so each fact of the document can reach the LoRA.
                        The default: measured in docs/results/dyprag.md.
+  "fast_weight"        fast weights: R write slots per adapted module; slot (t, j)
+                       takes a softmax-weighted sum of the token states it selects
+                       and writes the outer product of its value projection (column
+                       j of B_t) and key projection (row j of A_t). One linear read
+                       per token, no query blocks: the cheapest token-level design.
   "pooled_shared"      Text-to-LoRA style: one pooled vector (last or mean token),
                        one shared MLP with learned layer and module embeddings.
   "pooled_per_module"  DyPRAG style: one pooled vector, one small MLP per module.
@@ -39,8 +44,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from models.lora import LoraTarget, Loras, factored_lora, flatten_loras
-from models.validate import check
+from moe_playground.models.lora import LoraTarget, Loras, factored_lora, flatten_loras
+from moe_playground.models.validate import check
 
 # -----------------------------------------------------------------------------
 # config
@@ -300,6 +305,37 @@ class _QueryBlock(nn.Module):
         return q_NQH + self.mlp(self.norm_mlp(q_NQH))
 
 
+class FastWeightTranslator(Translator):
+    """A fast-weight write: dW_t = sum_j v_tj k_tj^T, one rank-1 term per write slot j.
+
+    Slot (t, j) scores every document token with one linear read, takes the
+    softmax-weighted sum z_tj of the token states it selects, and writes the outer
+    product of z_tj's value projection (column j of B_t) and key projection (row j
+    of A_t). By linearity that is the sum, over the tokens the slot selects, of the
+    outer products of their own key/value projections: a fast-weight memory of the
+    document compressed to rank R. Heads are per target (layers may need different writes).
+    """
+
+    def __init__(self, cfg: TranslatorConfig, doc_dim: int, targets: list[LoraTarget], rank: int):
+        super().__init__(cfg, doc_dim, targets, rank)
+        H = cfg.hidden
+        self.token_in = nn.Sequential(nn.LayerNorm(doc_dim), nn.Linear(doc_dim, H))
+        self.write = nn.Linear(H, len(self.targets) * rank)  # slot scores per token, targets in self.targets order
+        self.slot_norm = nn.LayerNorm(H)
+        self.heads = nn.ModuleDict({_param_key(t): LoraHead(H, 1, t.in_features, t.out_features, cfg.init_std_b) for t in self.targets})
+
+    def generate(self, x_NSC: Tensor, mask_NS: Tensor) -> Loras:
+        N, R = x_NSC.shape[0], self.rank
+        u_NSH = self.token_in(x_NSC)
+        scores_NSQ = self.write(u_NSH).masked_fill(~mask_NS[..., None], float("-inf"))
+        z_NQH = self.slot_norm(torch.einsum("nsq,nsh->nqh", scores_NSQ.softmax(1), u_NSH))
+        loras: Loras = {}
+        for i, t in enumerate(self.targets):
+            a_NR1I, b_NRO1 = self.heads[_param_key(t)](z_NQH[:, i * R : (i + 1) * R])
+            loras[t.name] = (a_NR1I.squeeze(2), b_NRO1.squeeze(3).transpose(1, 2))
+        return loras
+
+
 class PooledSharedTranslator(Translator):
     """One pooled document vector; one shared MLP over (document, layer, module) codes (Text-to-LoRA style)."""
 
@@ -349,6 +385,7 @@ class PooledPerModuleTranslator(Translator):
 
 DESIGNS: dict[str, type[Translator]] = {
     "cross_attention": CrossAttentionTranslator,
+    "fast_weight": FastWeightTranslator,
     "pooled_shared": PooledSharedTranslator,
     "pooled_per_module": PooledPerModuleTranslator,
 }

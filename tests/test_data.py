@@ -44,3 +44,43 @@ def test_text_files_become_domains(tmp_path):
     corpus = build_corpus(DataConfig(path=str(tmp_path), val_fraction=0.2))
     assert corpus.domain_names == ["logs", "poems"]
     assert set(corpus.train.domains.unique().tolist()) == {0, 1}
+
+
+# ---- the knowledge domain and the fixed validation set ------------------------------------
+
+
+def test_knowledge_facts_are_deterministic_shared_and_worded_apart():
+    from train.data import ATTRIBUTES, TEMPLATES, fact_table, knowledge_samples
+
+    table = fact_table(50, seed=1)
+    assert table == fact_table(50, seed=1) and table != fact_table(50, seed=2)
+    assert len(table) == 50 * len(ATTRIBUTES) and len({(e, a) for e, a, _ in table}) == len(table)
+    train, val = knowledge_samples(50, 1, "train"), knowledge_samples(50, 1, "val")
+    assert train == knowledge_samples(50, 1, "train")
+    assert len(val) == len(table) and len(train) == len(table) * (len(TEMPLATES) - 1)
+    assert not set(train) & set(val), "a validation query is worded as in training"
+    for e, a, v in table[:40]:  # every fact: stated in training in the other wordings, queried once in validation
+        stated = [t for t in train if e in t and f" {a} " in f" {t.replace(':', ' ')} "]
+        asked = [t for t in val if e in t and f" {a} " in f" {t.replace(':', ' ')} "]
+        assert len(stated) == len(TEMPLATES) - 1 and len(asked) == 1
+        assert all(t.endswith(f" {v}") for t in stated + asked)
+    # every wording is seen in training (with other facts): only the pairing of fact and wording is new
+    assert {t.split(" ")[0] for t in val} - {"the", "ask"} and all(any(w in t for t in train) for w in (" of ", "'s ", "ask "))
+
+
+def test_validation_set_is_fixed_large_and_apart_from_training():
+    cfg = DataConfig(n_samples=3000, val_tokens=20_000, knowledge_entities=30)
+    corpus = build_corpus(cfg)
+    assert len(corpus.val.tokens) >= 20_000 and corpus.domain_names[-1] == "knowledge"
+    bigger = build_corpus(DataConfig(n_samples=6000, val_tokens=20_000, knowledge_entities=30))
+    assert torch.equal(bigger.val.tokens, corpus.val.tokens), "the validation set depends on the training corpus size"
+    train_text = set(corpus.tokenizer.decode(corpus.train.tokens.tolist()).splitlines())
+    val_text = corpus.tokenizer.decode(corpus.val.tokens.tolist()).splitlines()
+    assert not train_text & set(val_text)
+    # every domain is there; the skill domains in equal numbers of samples
+    counts = {d: 0 for d in range(len(corpus.domain_names))}
+    starts = [0] + [i + 1 for i, t in enumerate(corpus.val.tokens.tolist()) if t == ord("\n")][:-1]
+    for s in starts:
+        counts[int(corpus.val.domains[s])] += 1
+    assert counts[len(DOMAINS)] == 30 * 5 and len({counts[d] for d in range(len(DOMAINS))}) == 1
+    assert build_corpus(DataConfig(n_samples=3000, val_tokens=20_000, knowledge_entities=0)).domain_names == list(DOMAINS)

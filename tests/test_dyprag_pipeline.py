@@ -345,7 +345,8 @@ def test_prag_augmented_files_become_documents(tmp_path, capsys):
 # learning: the generated LoRA must carry the document
 
 
-def test_cross_attention_translator_learns_a_fact_from_the_document():
+@pytest.mark.parametrize("design", ["cross_attention", "fast_weight"])  # the designs that read every token
+def test_token_level_translator_learns_a_fact_from_the_document(design):
     """Micro-config: documents "P<id> keeps a cat named <one of 8 names> ." and the question about
     the cat; a random tiny Llama (word-level tokens) and 100 steps on fresh documents. The answer
     comes out under each held-out document's own LoRA, at chance (1/8) under another document's."""
@@ -378,7 +379,7 @@ def test_cross_attention_translator_learns_a_fact_from_the_document():
     torch.manual_seed(0)
     model = build_tiny_llama(tok, 32, 2, 2, 64, 64).eval().requires_grad_(False)
     cfg = load_config(DyPragConfig, None, ["train.steps=100", "train.docs_per_step=16", "train.p_passage=0", "train.warmup=5",
-                                           "translator.hidden=32", "lora.rank=4"])
+                                           "translator.hidden=32", "lora.rank=4", f"translator.design={design}"])
     targets = find_lora_targets(model, cfg.lora.target_modules)
     before = torch.get_num_threads()
     torch.set_num_threads(1)

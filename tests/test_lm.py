@@ -1,10 +1,7 @@
 """The toy LM and its trainer: causality, learning, resume, checkpoints, NaN, bad input, DDP."""
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -310,16 +307,8 @@ def test_missing_config_file_and_bad_base(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_match_one_process_at_equal_global_batch(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    common = [TINY, "train.steps=12", "log.log_every=1", "log.eval_every=6", "model.dropout=0.0"]
-    one = subprocess.run([sys.executable, "-m", "train.lm", *common, f"out_dir={tmp_path}/one", "train.batch_size=8"],
-                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-                          "-m", "train.lm", *common, f"out_dir={tmp_path}/two", "train.batch_size=4"],
-                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-2000:]
+def test_ddp_two_processes_match_one_process_at_equal_global_batch(tmp_path, one_and_two_processes):
+    one_and_two_processes([TINY, "train.steps=12", "log.log_every=1", "log.eval_every=6", "model.dropout=0.0"], 8, 29517)
     a, b = metrics(tmp_path / "one/tiny"), metrics(tmp_path / "two/tiny")
     assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) == 12
     assert [r["tokens"] for r in a] == [r["tokens"] for r in b]
@@ -327,3 +316,29 @@ def test_ddp_two_processes_match_one_process_at_equal_global_batch(tmp_path):
     for x, y in zip(a, b):
         assert abs(x["train_loss"] - y["train_loss"]) < 2e-3, (x, y)
     assert abs(a[-1]["val_loss"] - b[-1]["val_loss"]) < 2e-3
+
+
+# ---- logging users already read ----------------------------------------------------------------
+
+
+def test_curves_command_plots_several_runs(tmp_path, capsys):
+    from train.curves import main as curves_main
+    for name in ("a", "b"):
+        train(tiny(tmp_path, f"run_name={name}", "train.steps=10", "log.eval_every=5", "log.ckpt_every=10"))
+    out = tmp_path / "curves.png"
+    assert curves_main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0
+    assert out.stat().st_size > 1000
+    assert curves_main([str(tmp_path / "a"), "--out", str(out)]) == 2          # kept without --overwrite
+    assert "exists" in capsys.readouterr().err
+    assert curves_main([str(tmp_path / "a"), "--metric", "val_los", "--out", str(tmp_path / "x.png")]) == 2
+    assert "no 'val_los' in its metrics; it has" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
+
+
+def test_tensorboard_logging_is_optional(tmp_path):
+    import importlib.util
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(ConfigError, match="needs the tensorboard package"):
+            tiny(tmp_path, "log.tensorboard=true")
+        return
+    run = Path(train(tiny(tmp_path, "log.tensorboard=true", "train.steps=10"))["run_dir"])
+    assert list((run / "tensorboard").rglob("events.out.tfevents.*"))

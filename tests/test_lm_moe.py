@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.moe import MoE
+from models.moe import MoE, RoutedExperts
 from models.transformer import SwiGLU
 from train import checkpoint as ckpt
 from train.config import ConfigError, load_config
@@ -116,3 +116,45 @@ def test_trainer_logs_aux_averaged_over_micro_batches(tmp_path):
         values = [o.aux_losses.get(key, o.aux_metrics.get(key)).item() for o in outs]
         assert values[0] != pytest.approx(values[1], abs=1e-6), key  # else the mean proves nothing
         assert row[key] == pytest.approx(sum(values) / 2, abs=2e-6), key
+
+
+def test_capacity_ablation_pins_what_its_results_page_was_measured_with():
+    """docs/results/capacity.md was measured with score dropping and validation at the training
+    capacity; the defaults changed (position dropping, dropless evaluation), so its config pins them."""
+    from train.sweep import load_sweep
+    sweep = load_sweep(ROOT / "configs/ablations/capacity.yaml")
+    for run in sweep.runs():
+        moe = load_config(LMRunConfig, sweep.config, run.overrides).moe
+        assert moe.drop_policy == "score", run.variant
+        assert moe.capacity(1024, training=False) == moe.capacity(1024, training=True), run.variant
+
+
+@pytest.mark.slow
+def test_compiled_lm_with_moe_matches_eager(monkeypatch):
+    """torch.compile of a toy LM with MoE layers runs and matches eager, loss, aux losses and
+    gradients; fp32 grouped_mm does not compile, so the layer falls back to padded_bmm and says so once."""
+    cfg = load_config(LMRunConfig, ROOT / "configs/lm/tiny.yaml",
+                      ["model.ffn=moe", "moe.n_routed_experts=4", "moe.expert_hidden=32", "moe.top_k=2",
+                       "moe.n_shared_experts=1", "moe.balance_alpha=0.01", "moe.z_loss_coef=0.001"])
+    assert cfg.moe.dispatch == "grouped_mm"
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    idx = torch.randint(cfg.model.vocab_size, (2, 16))
+    torch._dynamo.reset()
+    monkeypatch.setattr(RoutedExperts, "warned_compile", False)  # as in a fresh process
+    compiled = torch.compile(model)
+    results = []
+    with pytest.warns(UserWarning, match="under torch.compile") as caught:
+        for run in (model, compiled, compiled):
+            model.zero_grad(set_to_none=True)
+            out = run(idx, idx)
+            aux = sum(out.aux_losses.values())
+            (out.loss + aux).backward()
+            results.append((out.loss.detach(), aux.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert sum("under torch.compile" in str(w.message) for w in caught) == 1
+    eager = results[0]
+    for got in results[1:]:
+        torch.testing.assert_close(got[0], eager[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[1], eager[1], atol=1e-6, rtol=1e-5)
+        for g, g_eager in zip(got[2], eager[2]):
+            torch.testing.assert_close(g, g_eager, atol=1e-5, rtol=1e-4)

@@ -4,8 +4,13 @@
    layer matches it on many random configs (hypothesis), forward and gradients.
 2. Exact properties: one expert == dense SwiGLU, uniform routing gives alpha,
    z-loss formula, conservation, capacity drops, float64 gradcheck.
-3. Aux-loss-free bias: balances a skewed router; identical across DDP ranks.
-4. Parity with transformers' Mixtral, Qwen2-MoE and DeepSeek-V3 blocks.
+3. Edges: finite at router logits of +-1e4 (fp32 and bf16 autocast, every score function,
+   normalisation, routing and dispatch), fp32 router and one output dtype under autocast,
+   causal position dropping, MoE++ zero / copy / constant experts and the routed-FLOPs metric.
+4. Aux-loss-free bias and global-batch balancing: counts pooled over micro-batches and over
+   gloo ranks equal one big batch's, counted once under activation checkpointing; the bias is
+   identical across DDP ranks.
+5. Parity with transformers' Mixtral, Qwen2-MoE and DeepSeek-V3 blocks.
 """
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
+from torch.utils.checkpoint import checkpoint
+from torch.utils.flop_counter import FlopCounterMode
 
 from models.moe import MoE, MoEConfig, token_choice_dispatch
 from models.transformer import SwiGLU
@@ -34,6 +41,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def ref_expert(moe: MoE, e: int, x_D: torch.Tensor) -> torch.Tensor:
+    cfg = moe.cfg
+    if e >= cfg.n_experts:  # MoE++: zero experts, then copy experts, then constant experts
+        j = e - cfg.n_experts - cfg.n_zero_experts
+        if j < 0:
+            return torch.zeros_like(x_D)
+        if j < cfg.n_copy_experts:
+            return x_D
+        c = j - cfg.n_copy_experts
+        a = (moe.null_experts.gate_weight[2 * c:2 * c + 2] @ x_D).softmax(-1)
+        return a[0] * x_D + a[1] * moe.null_experts.vector_CD[c]
     w_gate_up, w_down = moe.experts.w_gate_up[e], moe.experts.w_down[e]
     H = w_down.shape[0]
     h = x_D @ w_gate_up
@@ -59,7 +76,7 @@ def ref_shared(moe: MoE, x_D: torch.Tensor) -> torch.Tensor:
 def ref_route_token(moe: MoE, x_D: torch.Tensor):
     """-> logits, scores, probs, chosen experts (best first), their combine weights."""
     cfg = moe.cfg
-    E, K = cfg.n_experts, cfg.experts_per_token
+    E, K = cfg.n_pool, cfg.experts_per_token
     logits = moe.router.weight.float() @ x_D.float()
     scores = logits.softmax(-1) if cfg.score_func == "softmax" else logits.sigmoid()
     probs = scores / scores.sum()
@@ -82,9 +99,10 @@ def ref_route_token(moe: MoE, x_D: torch.Tensor):
 
 
 def reference_moe(moe: MoE, x: torch.Tensor):
-    """-> y, {loss name: value}, tokens_per_expert (list), drop_fraction."""
+    """-> y, {loss name: value}, tokens_per_expert (list), drop_fraction, routed FLOPs per token."""
     cfg = moe.cfg
-    E, K = cfg.n_experts, cfg.experts_per_token
+    E, K = cfg.n_pool, cfg.experts_per_token  # every expert the router scores
+    n_ffn = cfg.n_experts  # of which the first n_ffn are FFN experts
     n_seq = x.shape[0] if x.dim() == 3 else 1
     xs = list(x.reshape(-1, cfg.d_model))
     T = len(xs)
@@ -100,7 +118,8 @@ def reference_moe(moe: MoE, x: torch.Tensor):
         C = math.ceil(cfg.capacity_factor * T * K / E) if cfg.capacity_factor else T * K
         S = T // n_seq  # position policy: position in the sequence, then sequence, then choice rank
         priority = (lambda a: -a[0]) if cfg.drop_policy == "score" else (lambda a: (a[1] % S, a[1] // S, a[3]))
-        kept = {e: sorted(per_expert[e], key=priority)[:C] for e in range(E)}
+        # zero-computation experts are never dropped
+        kept = {e: sorted(per_expert[e], key=priority)[:C if e < n_ffn else None] for e in range(E)}
         dropped = sum(counts) - sum(len(v) for v in kept.values())
         drop_fraction = dropped / (T * K)
     else:  # expert choice: expert e takes its C best tokens
@@ -116,6 +135,7 @@ def reference_moe(moe: MoE, x: torch.Tensor):
         for _, t, w, *_ in kept[e]:
             ys[t] = ys[t] + w * ref_expert(moe, e, xs[t])
     y = torch.stack(ys).view(x.shape)
+    flops = sum(len(kept[e]) for e in range(n_ffn)) * 2 * 3 * cfg.d_model * cfg.hidden_per_expert / T
 
     # losses, straight from the definitions
     def f(e, n_tok, cnt):
@@ -141,7 +161,7 @@ def reference_moe(moe: MoE, x: torch.Tensor):
               "device_balance_loss": cfg.device_balance_alpha * dev, "z_loss": cfg.z_loss_coef * z}
     if cfg.routing == "expert_choice":
         losses = {k: cfg.z_loss_coef * z if k == "z_loss" else 0.0 for k in losses}
-    return y, losses, counts, drop_fraction
+    return y, losses, counts, drop_fraction, flops
 
 
 # -----------------------------------------------------------------------------
@@ -162,6 +182,10 @@ def moe_cases(draw):
     max_k = min(n_routed, topk_groups * (E // n_groups) // granularity)
     n_devices = draw(st.sampled_from([d for d in (1, 2, 3) if E % d == 0]))
     n_shared = draw(st.integers(0, 2))
+    # MoE++ zero-computation experts: token choice without groups or devices
+    n_zero, n_copy, n_const = draw(st.lists(st.integers(0, 2), min_size=3, max_size=3)) \
+        if tc and n_groups == 1 and n_devices == 1 and draw(st.booleans()) else (0, 0, 0)
+    capacity_factor = draw(st.sampled_from([None, 0.5, 1.0, 1.5]))
     cfg = MoEConfig(
         d_model=draw(st.sampled_from([8, 12, 16])),
         n_routed_experts=n_routed,
@@ -181,7 +205,11 @@ def moe_cases(draw):
         device_balance_alpha=0.3 if tc else 0.0,
         n_devices=n_devices if tc else 1,
         z_loss_coef=0.01,
-        capacity_factor=draw(st.sampled_from([None, 0.5, 1.0, 1.5])),
+        n_zero_experts=n_zero,
+        n_copy_experts=n_copy,
+        n_constant_experts=n_const,
+        capacity_factor=capacity_factor,
+        eval_capacity_factor=capacity_factor,  # the reference runs in eval mode: keep the training capacity
         drop_policy=draw(st.sampled_from(["score", "position"])),
         dispatch=draw(st.sampled_from(["grouped_mm", "grouped_mm", "padded_bmm", "auto", "loop"])),
         init_std=0.3,
@@ -210,13 +238,14 @@ def test_fast_matches_reference(case):
         assert moe.experts.uses_grouped_mm(x.view(-1, cfg.d_model))
 
     y, aux = moe(x)
-    y_ref, losses_ref, counts_ref, drop_ref = reference_moe(moe, x)
+    y_ref, losses_ref, counts_ref, drop_ref, flops_ref = reference_moe(moe, x)
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
     for name, value in aux.losses.items():
         torch.testing.assert_close(value, torch.as_tensor(losses_ref[name], dtype=value.dtype),
                                    atol=1e-6, rtol=1e-5, msg=name)
     assert aux.tokens_per_expert.tolist() == counts_ref
     assert aux.drop_fraction.item() == pytest.approx(drop_ref)
+    assert aux.routed_flops_per_token.item() == pytest.approx(flops_ref)
 
     # gradients of an arbitrary function of the output and every loss
     g_out = torch.randn_like(y)
@@ -292,7 +321,8 @@ def test_assignments_conserved(capacity_factor):
 
 def test_capacity_drops_lowest_scores():
     # 2 experts, top-1; every token prefers expert 0; capacity ceil(0.5 * 8 / 2) = 2
-    cfg = MoEConfig(d_model=4, n_routed_experts=2, expert_hidden=4, top_k=1, capacity_factor=0.5)
+    cfg = MoEConfig(d_model=4, n_routed_experts=2, expert_hidden=4, top_k=1, capacity_factor=0.5,
+                    drop_policy="score")
     moe = MoE(cfg)
     with torch.no_grad():
         moe.router.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 0]]))
@@ -344,12 +374,14 @@ def test_position_policy_is_causal(top_k, n_experts):
 def test_eval_capacity():
     cfg = MoEConfig(d_model=16, n_routed_experts=4, expert_hidden=8, top_k=2, capacity_factor=0.5)
     x = torch.randn(32, 16)
-    for eval_cf, eval_drops in [(None, True), (math.inf, False), (8.0, False), (0.25, True)]:
+    for eval_cf, eval_drops in [(None, False), (math.inf, False), (8.0, False), (0.5, True), (0.25, True)]:
         torch.manual_seed(0)
         moe = MoE(dataclasses.replace(cfg, eval_capacity_factor=eval_cf))
         assert moe(x)[1].drop_fraction > 0  # training always uses capacity_factor
         drop = moe.eval()(x)[1].drop_fraction
         assert (drop > 0) == eval_drops, eval_cf
+        if eval_cf == 0.5:  # the training factor: evaluation drops as training does
+            assert drop == moe.train()(x)[1].drop_fraction
         if eval_cf == 0.25:
             assert drop > moe.train()(x)[1].drop_fraction
 
@@ -381,6 +413,20 @@ def test_backward_from_sum(dispatch):
     assert moe.experts.uses_grouped_mm(x.view(-1, 16)) == (dispatch == "grouped_mm")
     moe(x)[0].sum().backward()
     assert x.grad is not None and moe.experts.w_gate_up.grad.abs().sum() > 0
+
+
+def test_forced_uniform_routing_balances_every_expert():
+    cfg = MoEConfig(d_model=16, n_routed_experts=8, expert_hidden=8, top_k=3, force_uniform_routing=True,
+                    init_std=0.5)
+    moe = MoE(cfg)
+    x = torch.randn(64, 16) + 2 * torch.randn(16)  # a skewed router would pile these onto a few experts
+    routing = moe.router(x)
+    assert torch.bincount(routing.idx_TK.flatten(), minlength=8).tolist() == [24] * 8
+    assert (routing.idx_TK.sort(-1).values.diff(dim=-1) > 0).all()  # k distinct experts per token
+    torch.testing.assert_close(routing.weights_TK, routing.scores_TE.gather(1, routing.idx_TK))
+    _, aux = moe(x)
+    assert aux.max_vio == 0
+    assert MoE(dataclasses.replace(cfg, force_uniform_routing=False)).eval()(x)[1].max_vio > 0.5
 
 
 def test_auto_dispatch_pads_only_when_cheap():
@@ -470,6 +516,9 @@ def test_fine_grained_recipe_keeps_total_and_active_parameters():
     (dict(eval_capacity_factor=0.0), "moe.eval_capacity_factor=0.0"),
     (dict(balance_scope="batch"), "moe.balance_scope='batch'"),
     (dict(d_model=0), "moe.d_model=0"),
+    (dict(n_zero_experts=-1), "moe.n_zero_experts=-1"),
+    (dict(n_copy_experts=1, routing="expert_choice"), "moe.routing='expert_choice'"),
+    (dict(n_constant_experts=1, n_groups=2), "moe.n_groups=2"),
 ])
 def test_config_errors_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match="^" + field.replace("(", r"\(")):
@@ -554,14 +603,99 @@ def test_router_is_fp32_under_autocast(score_func):
 @pytest.mark.parametrize("routing", ["token_choice", "expert_choice"])
 def test_one_output_dtype_under_autocast(routing):
     for dispatch in DISPATCHES:
+        null = 1 if routing == "token_choice" else 0  # a copy and a constant expert too, where allowed
         moe = MoE(MoEConfig(d_model=16, n_routed_experts=4, expert_hidden=16, top_k=2, routing=routing,
-                            dispatch=dispatch, n_shared_experts=1))
+                            dispatch=dispatch, n_shared_experts=1, n_copy_experts=null, n_constant_experts=null))
         x = torch.randn(2, 8, 16, requires_grad=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y, _ = moe(x)
         assert y.dtype == torch.bfloat16, dispatch  # as an nn.Linear under autocast
         y.float().sum().backward()
         assert moe.experts.w_gate_up.grad.dtype == torch.float32
+
+
+# -----------------------------------------------------------------------------
+# MoE++ zero-computation experts
+
+
+def routed_to(e: int, **kwargs) -> MoE:
+    """One FFN expert, then a zero, a copy and a constant expert (pool indices 1, 2, 3); top-1 with
+    norm_topk (combine weight 1); a selection bias sends every token to pool expert e."""
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(d_model=8, n_routed_experts=1, expert_hidden=8, top_k=1, norm_topk=True, n_zero_experts=1,
+                        n_copy_experts=1, n_constant_experts=1, init_std=0.5, **kwargs))
+    with torch.no_grad():
+        moe.router.expert_bias[e] = 100.0
+    return moe
+
+
+def test_zero_copy_and_constant_experts():
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    y, aux = routed_to(1)(x)  # zero expert
+    assert torch.equal(y, torch.zeros_like(x)) and aux.routed_flops_per_token == 0
+    y, _ = routed_to(2)(x)  # copy expert
+    assert torch.equal(y, x)
+    moe = routed_to(3)  # constant expert: a1*x + a2*v, [a1, a2] = softmax(W_c x)
+    y, aux = moe(x)
+    a = (x @ moe.null_experts.gate_weight.t()).softmax(-1)
+    v = moe.null_experts.vector_CD[0]
+    torch.testing.assert_close(y, a[..., :1] * x + a[..., 1:] * v)
+    assert not torch.allclose(y, x, atol=1e-2) and aux.routed_flops_per_token == 0
+    y.square().sum().backward()  # both the vector and its gate are learned
+    assert moe.null_experts.vector_CD.grad.abs().sum() > 0 and moe.null_experts.gate_weight.grad.abs().sum() > 0
+    # with a shared expert, the zero expert leaves exactly the shared output
+    moe = routed_to(1, n_shared_experts=1)
+    torch.testing.assert_close(moe(x)[0], moe.shared(x))
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.75])
+def test_routed_flops_on_hand_made_routing(capacity_factor):
+    """4 FFN experts, then a zero and a copy expert; token t's input is one-hot on t, so router
+    row e scores token t by weight[e, t]. Each token picks two of the pool by hand."""
+    choices = [(0, 1), (0, 4), (4, 5), (5, 3), (0, 2)]  # 2 + 1 + 0 + 1 + 2 FFN assignments
+    T, D, H = len(choices), 8, 16
+    cfg = MoEConfig(d_model=D, n_routed_experts=4, expert_hidden=H, top_k=2, n_zero_experts=1, n_copy_experts=1,
+                    capacity_factor=capacity_factor, dispatch="loop")
+    moe = MoE(cfg)
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        for t, (a, b) in enumerate(choices):
+            moe.router.weight[a, t], moe.router.weight[b, t] = 5.0, 4.0
+    x = torch.eye(D)[:T]
+    with FlopCounterMode(display=False) as counter:
+        _, aux = moe(x)
+    assert aux.tokens_per_expert.tolist() == [3, 1, 1, 1, 2, 2]
+    # capacity ceil(0.75 * 5 * 2 / 6) = 2: expert 0 keeps tokens 0 and 1 (position order), drops token 4
+    kept = 6 if capacity_factor is None else 5
+    assert aux.drop_fraction.item() == pytest.approx((6 - kept) / (T * 2))
+    assert aux.routed_flops_per_token.item() == pytest.approx(kept * 2 * 3 * D * H / T)
+    router_flops = 2 * T * D * cfg.n_pool  # everything else the counter saw is the experts' matmuls
+    assert (counter.get_total_flops() - router_flops) / T == pytest.approx(aux.routed_flops_per_token.item())
+
+
+# -----------------------------------------------------------------------------
+# activation checkpointing: the recomputed forward counts nothing
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("kind", ["global", "bias"])
+def test_checkpointed_forward_counts_once(kind, use_reentrant):
+    make = (lambda: global_moe()) if kind == "global" else (lambda: skewed_moe(0.01))
+    plain, ckpt = make(), make()
+    x = torch.randn(2, 8, 16)
+    y, aux = plain(x)
+    (y.square().mean() + sum(aux.losses.values())).backward()
+
+    def run(x):
+        y, aux = ckpt(x)
+        return y, sum(aux.losses.values())
+
+    y2, loss2 = checkpoint(run, x.requires_grad_(), use_reentrant=use_reentrant)
+    (y2.square().mean() + loss2).backward()  # recomputes the forward
+    torch.testing.assert_close(ckpt.load_E, aux.tokens_per_expert.float())  # counted once, not twice
+    torch.testing.assert_close(plain.load_E, ckpt.load_E)
+    for (name, p), p2 in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(p.grad, p2.grad, msg=name)
 
 
 # -----------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 from train import checkpoint as ckpt
 from train.config import ConfigError, load_config
 from train.lm import LMRunConfig, main
-from train.sweep import SweepError, load_sweep
+from train.sweep.spec import SweepError, load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs/lm/tiny.yaml")

@@ -10,22 +10,30 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
 from train import checkpoint as ckpt
 from train.config import load_config, to_yaml
 from train.lm import LMRunConfig
-from train.sweep import SweepError, check_claims, layer_metric, load_sweep, main, run_state
+from train.sweep.cli import main
+from train.sweep.columns import layer_metric
+from train.sweep.runner import run_state
+from train.sweep.spec import TINY_OVERLAY, SweepError, load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs/ablations/tiny"
 SHIPPED = ["deepseekmoe", "balancing", "capacity", "router"]
 
 
 def sweep_file(tmp_path, body: str, name: str = "s") -> Path:
-    """A sweep file in tmp_path that starts from the tiny deepseekmoe sweep, runs land in tmp_path."""
+    """A sweep file in tmp_path: the deepseekmoe sweep with the tiny overlay's keys, no claims, runs in
+    tmp_path, and `body`'s keys over all that (its `set` merged key by key)."""
+    tiny = yaml.safe_load(TINY_OVERLAY.read_text())
+    extra = yaml.safe_load(body) or {}
+    keys = {"inherit": str(ROOT / "configs/ablations/deepseekmoe.yaml"), **tiny, "expect": [], "out_dir": str(tmp_path / "out"),
+            **{k: v for k, v in extra.items() if k != "set"}, "set": {**tiny["set"], **(extra.get("set") or {})}}
     path = tmp_path / f"{name}.yaml"
-    defaults = "".join(f"{k}: {v}\n" for k, v in (("expect", "[]"), ("analyze", "false")) if f"{k}:" not in body)
-    path.write_text(f"inherit: {TINY / 'deepseekmoe.yaml'}\nout_dir: {tmp_path / 'out'}\n{defaults}{body}")
+    path.write_text(yaml.safe_dump(keys, sort_keys=False))
     return path
 
 
@@ -33,10 +41,21 @@ def sweep_file(tmp_path, body: str, name: str = "s") -> Path:
 
 
 @pytest.mark.parametrize("name", SHIPPED)
-def test_shipped_sweeps_and_their_tiny_versions_load(name):
-    full, tiny = load_sweep(ROOT / f"configs/ablations/{name}.yaml"), load_sweep(TINY / f"{name}.yaml")
-    assert len(full.seeds) >= 3 and list(full.variants) == list(tiny.variants)
+def test_shipped_sweeps_run_under_the_tiny_overlay(name):
+    full = load_sweep(ROOT / f"configs/ablations/{name}.yaml")
+    tiny = load_sweep(ROOT / f"configs/ablations/{name}.yaml", [TINY_OVERLAY])
+    assert len(full.seeds) >= 5 and full.claims and list(full.variants) == list(tiny.variants)
+    assert [c.text for c in full.claims] == [c.text for c in tiny.claims]
     assert tiny.dir != full.dir
+    big, small = full.first_config(), tiny.first_config()
+    assert small.train.steps < big.train.steps and small.model.d_model < big.model.d_model
+    assert small.data.val_tokens < big.data.val_tokens
+
+
+def test_an_overlay_may_not_define_variants(tmp_path):
+    (tmp_path / "o.yaml").write_text("variants: {a: {}}\n")
+    with pytest.raises(SweepError, match="unknown key.*'variants'.*Allowed in a overlay file"):
+        load_sweep(ROOT / "configs/ablations/deepseekmoe.yaml", [tmp_path / "o.yaml"])
 
 
 def test_grid_is_the_cross_product_with_one_run_dir_per_seed(tmp_path):
@@ -46,6 +65,7 @@ def test_grid_is_the_cross_product_with_one_run_dir_per_seed(tmp_path):
                                 "top_k=2,score_func=softmax", "top_k=2,score_func=sigmoid"]
     runs = s.runs()
     assert len(runs) == 8 and len({r.run_dir for r in runs}) == 8
+    assert [r.seed for r in runs] == [3] * 4 + [4] * 4  # whole seeds first: a sweep stopped early stays paired
     run = next(r for r in runs if r.variant == "top_k=2,score_func=sigmoid" and r.seed == 4)
     cfg = load_config(LMRunConfig, s.config, run.overrides)
     assert (cfg.moe.top_k, cfg.moe.score_func, cfg.train.seed, cfg.model.d_model) == (2, "sigmoid", 4, 32)
@@ -54,14 +74,16 @@ def test_grid_is_the_cross_product_with_one_run_dir_per_seed(tmp_path):
 
 def test_tiny_router_sweep_keeps_active_and_total_parameters_equal():
     from train.lm import build_model
-    s = load_sweep(TINY / "router.yaml")
+    s = load_sweep(ROOT / "configs/ablations/router.yaml", [TINY_OVERLAY])
     sizes = set()
     for r in s.runs():
         if r.seed == s.seeds[0]:
             m = build_model(load_config(LMRunConfig, s.config, r.overrides))
-            router = sum(b.ffn.router.weight.numel() for b in m.blocks)  # one row per expert: the only difference
-            sizes.add((m.num_parameters() - router, m.active_parameters() - router))
-    assert len(sizes) == 1 and len(s.variants) == 6
+            # the router (one row per expert) and MoE++'s zero-computation experts (O(width)) are the only differences
+            extra = sum(p.numel() for b in m.blocks for part in (b.ffn.router, b.ffn.null_experts) if part is not None
+                        for p in part.parameters())
+            sizes.add((m.num_parameters() - extra, m.active_parameters() - extra))
+    assert len(sizes) == 1 and len(s.variants) == 8
 
 
 @pytest.mark.parametrize("body, message", [
@@ -75,6 +97,8 @@ def test_tiny_router_sweep_keeps_active_and_total_parameters_equal():
     ("variants: {a: {}}\ngrid: {moe.top_k: [1]}\n", "exactly one of 'grid'"),
     ("variants: {a: {}}\nseeds: []\n", "seeds must be a non-empty list"),
     ("variants: {a: {}, b: {}}\nexpect: ['val_loss: a < c']\n", "expect entry 'val_loss: a < c'"),
+    ("variants: {a: {}, b: {}}\nexpect: ['val_loss/poetry: a < b']\n", "val_loss/knowledge"),
+    ("variants: {a: {}, b: {}}\nexpect: [{test: 'val_loss: a < b', why: x}]\n", "(unknown: why)"),
     ("variants: {a/b: {}}\n", "variant name 'a/b'"),
 ])
 def test_bad_sweep_files_fail_before_any_run(tmp_path, capsys, body, message):
@@ -107,26 +131,15 @@ def test_layer_metrics_average_layers_over_the_last_fifth_of_training():
     assert layer_metric(rows, "drop_fraction") is None
 
 
-def test_claims_report_order_and_seed_spread(tmp_path):
-    s = load_sweep(sweep_file(tmp_path, "variants: {a: {}, b: {}, c: {}}\nexpect: ['val_loss: a < b < c']\n"))
-    rows = [{"variant": "a", "val_loss_mean": 1.0, "val_loss_std": 0.01},
-            {"variant": "b", "val_loss_mean": 1.1, "val_loss_std": 0.01},
-            {"variant": "c", "val_loss_mean": 1.09, "val_loss_std": 0.05}]
-    [line] = check_claims(s, rows)
-    assert "**does not hold**" in line
-    assert "a < b (1 vs 1.1; gap +0.1, larger than the seed spread" in line
-    assert "b ≥ c (1.1 vs 1.09; gap -0.01, within the seed spread" in line
-    rows[2]["val_loss_mean"] = 1.2
-    assert "**holds**" in check_claims(s, rows)[0]
-
-
 # ---- running ---------------------------------------------------------------------------------
 
 
 def test_sweep_runs_records_a_failure_writes_results_and_skips_finished_runs(tmp_path, capsys):
+    (tmp_path / "one.txt").write_text("a single line of text\n")  # a valid data.path, whose split is empty at run time
     path = sweep_file(tmp_path, "analyze: true\nseeds: [0, 1]\nvariants:\n"
                       "  moe: {model.ffn: moe, moe.n_routed_experts: 4, moe.expert_hidden: 32, moe.top_k: 1}\n"
-                      "  broken: {data.n_samples: 100, data.val_fraction: 0.001}\n")  # valid config; empty split at run time
+                      f"  broken: {{data.path: {tmp_path / 'one.txt'}}}\n"
+                      "expect: ['val_loss: moe < broken']\n")
     out = tmp_path / "out" / "s"
     assert main([str(path), "--jobs", "2"]) == 1  # a run failed
     captured = capsys.readouterr()
@@ -147,8 +160,10 @@ def test_sweep_runs_records_a_failure_writes_results_and_skips_finished_runs(tmp
     assert "empty split" in rows["broken"]["failed"]
     md = (out / "results.md").read_text()
     assert "| moe | 2/2 |" in md and "| broken | 0/2 | – |" in md and "## Failed runs" in md
+    assert "| `val_loss: moe < broken` | 0 | – | – | **undecided** |" in md  # nothing to pair with
+    assert "| moe | " in md.split("Final validation loss by domain")[1]  # the per-domain table
     assert "routing by corpus domain" in md and "| arithmetic |" in md
-    for png in ("val_loss.png", "final_val_loss.png", "expert_load_moe.png", "routing_moe.png"):
+    for png in ("val_loss.png", "expert_load_moe.png", "routing_moe.png"):
         assert (out / png).stat().st_size > 1000, png
 
     # again: finished runs are skipped (not re-run, nothing rewritten), failed ones are retried
@@ -213,3 +228,23 @@ def test_sweep_overwrite_deletes_only_a_sweep_directory_made_here(tmp_path, caps
     assert main([str(path)]) == 0
     assert main([str(path), "--overwrite"]) == 0
     assert (folder / "dense-s0" / "DONE").exists() and "=== " in (folder / "logs" / "dense-s0.log").read_text()
+
+
+def test_a_seed_fixes_the_data_order_for_every_variant(tmp_path, monkeypatch):
+    """Paired comparisons rest on this: two variants of one seed train on the same windows in the same order."""
+    import train.lm as lm
+    from train.data import sample_windows
+
+    seen = []
+    monkeypatch.setattr(lm, "sample_windows", lambda stream, starts, n: seen[-1].append(starts.clone()) or
+                        sample_windows(stream, starts, n))
+    s = load_sweep(sweep_file(tmp_path, "seeds: [0, 1]\nset: {train.steps: 6, log.eval_every: 6}\nvariants:\n"
+                              "  dense: {model.ffn: dense}\n"
+                              "  moe: {model.ffn: moe, moe.n_routed_experts: 4, moe.expert_hidden: 32, moe.top_k: 2}\n"))
+    order = {}
+    for run in s.runs():
+        seen.append([])
+        lm.train(load_config(LMRunConfig, s.config, [*run.overrides, "log.progress=false"]))
+        order[run.variant, run.seed] = torch.cat(seen[-1])
+    assert torch.equal(order["dense", 0], order["moe", 0]) and torch.equal(order["dense", 1], order["moe", 1])
+    assert not torch.equal(order["dense", 0], order["dense", 1])

@@ -28,12 +28,12 @@ from pathlib import Path
 
 import torch
 
-from models.moe import MoE
-from train import plots
-from train.checkpoint import latest_checkpoint, load_checkpoint
-from train.config import ConfigError, load_config
-from train.data import build_corpus
-from train.lm import TOKENIZER_FILE, LMRunConfig, build_model
+from moe_playground.models.moe import MoE
+from moe_playground.train import plots
+from moe_playground.train.checkpoint import latest_checkpoint, load_checkpoint
+from moe_playground.train.config import ConfigError, load_config
+from moe_playground.train.data import build_corpus
+from moe_playground.train.lm import TOKENIZER_FILE, LMRunConfig, build_model
 
 
 class AnalysisError(ValueError):
@@ -75,7 +75,7 @@ def routing_by_domain(run_dir: Path, n_windows: int = 128) -> Analysis:
     corpus = build_corpus(cfg.data, run_dir / TOKENIZER_FILE)
     moe = {i: b.ffn for i, b in enumerate(model.blocks) if isinstance(b.ffn, MoE)}
     n_dom = len(corpus.domain_names)
-    E = next(iter(moe.values())).cfg.n_experts
+    E = next(iter(moe.values())).cfg.n_pool  # the router's pool: FFN experts, then any zero-computation ones
     prob_sum = {i: torch.zeros(n_dom, E, dtype=torch.float64) for i in moe}
     pick_sum = {i: torch.zeros(n_dom, E, dtype=torch.float64) for i in moe}
     tokens_D = torch.zeros(n_dom, dtype=torch.float64)

@@ -1,15 +1,25 @@
 """Training data: a built-in synthetic multi-domain corpus or the user's text files,
 tokenized to one stream per split with a domain label on every token.
 
-The synthetic corpus has six domains that need different skills, so a trained
-MoE can be asked which experts serve which domain. Samples are generated from a
-seed; a sample goes to validation when a hash of its text says so, so the two
-splits never share a sample however many are drawn.
+The synthetic corpus has six skill domains (arithmetic, ordering, copying, recall
+in context, syntax, code-like structure) and one knowledge domain: a fixed table of
+made-up facts (entity, attribute, value) stated again and again in training and
+queried in validation, so that capacity to store facts, which an MoE's extra total
+parameters buy, shows up in the loss. Samples are generated from a seed; a skill
+sample goes to validation when a hash of its text says so, so the two splits never
+share one. A fact is stated in training in every wording but one and queried in
+validation in that one: facts shared, wordings disjoint.
+
+The validation split of the synthetic corpus is a fixed set of at least
+`data.val_tokens` tokens (every domain in equal numbers of samples, every fact
+once), drawn from its own generator: it does not depend on how many training
+samples there are, nor on anything but `data.seed`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import string
 from dataclasses import dataclass
@@ -18,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from models.validate import check
+from moe_playground.models.validate import check
 
 # ---- config ---------------------------------------------------------------------------
 
@@ -36,12 +46,17 @@ class DataConfig:
     # (the tokenizer of the transformers folder the run starts from, init_from)
     tokenizer: str = "byte"
     bpe_vocab_size: int = 512
+    val_tokens: int = 200_000      # synthetic corpus: tokens in the fixed validation set (at least)
+    knowledge_entities: int = 400  # synthetic corpus: entities in the fact table, len(ATTRIBUTES) facts each; 0 = no knowledge domain
 
     def __post_init__(self) -> None:
         check(self.tokenizer in TOKENIZERS, f"data.tokenizer={self.tokenizer!r} must be one of {TOKENIZERS}")
         check(0.0 < self.val_fraction < 1.0, f"data.val_fraction={self.val_fraction} must be in (0, 1)")
         check(self.n_samples >= 100, f"data.n_samples={self.n_samples} must be >= 100")
         check(self.bpe_vocab_size >= 260, f"data.bpe_vocab_size={self.bpe_vocab_size} must be >= 260")
+        check(self.val_tokens >= 1, f"data.val_tokens={self.val_tokens} must be >= 1")
+        check(0 <= self.knowledge_entities <= MAX_ENTITIES,
+              f"data.knowledge_entities={self.knowledge_entities} must be in [0, {MAX_ENTITIES}]")
         if self.path is not None:
             p = Path(self.path)
             check(p.exists(), f"data.path={self.path}: no such file or folder")
@@ -106,16 +121,89 @@ DOMAINS: dict[str, Callable[[random.Random], str]] = {
 
 
 def synthetic_samples(n: int, seed: int) -> list[tuple[str, int]]:
-    """`n` (text, domain index) samples, domains in turn so every domain gets n/6."""
+    """`n` (text, domain index) samples of the skill domains, in turn so every domain gets n/6."""
     r = random.Random(seed)
     gens = list(DOMAINS.values())
     return [(gens[i % len(gens)](r), i % len(gens)) for i in range(n)]
 
 
+MAX_DRAWS = 100_000  # draws per validation sample before a domain counts as unable to give one
+
+
+def _hash01(text: str) -> float:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") / 2**64
+
+
 def in_validation(text: str, fraction: float) -> bool:
     """A pure function of the text: equal samples always land in the same split."""
-    h = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
-    return h / 2**64 < fraction
+    return _hash01(text) < fraction
+
+
+def validation_skill_samples(n_per_domain: int, seed: int, fraction: float) -> list[tuple[str, int]]:
+    """`n_per_domain` samples of each skill domain that `in_validation` keeps (so never a training
+    sample), domains in turn, from a generator of their own: the same for any training corpus size."""
+    r = random.Random(f"validation-{seed}")
+    gens, out = list(DOMAINS.values()), []
+    for i in range(n_per_domain * len(gens)):
+        d = i % len(gens)
+        gen = gens[d]
+        for _ in range(MAX_DRAWS):
+            text = gen(r)
+            if in_validation(text, fraction):
+                out.append((text, d))
+                break
+        else:
+            raise ValueError(f"data: the {list(DOMAINS)[d]} domain gave no validation sample in {MAX_DRAWS} draws; "
+                             f"raise data.val_fraction={fraction}")
+    return out
+
+
+# ---- the knowledge domain ----------------------------------------------------------------
+# A fixed table of facts about made-up entities, each fact stated in several wordings. The
+# value always comes last, so its loss measures recall of the fact, not of the wording.
+
+KNOWLEDGE = "knowledge"
+ATTRIBUTES: dict[str, list[str]] = {
+    "color": "red blue green amber violet grey white black teal ochre".split(),
+    "city": "Arvel Brisk Corra Dunmor Eskar Folby Garran Hollow Istra Jorvik Kessel Lumen".split(),
+    "food": "plums rice bread figs cheese beans soup honey nuts fish".split(),
+    "job": "baker smith tailor miner sailor scribe potter weaver farmer mason".split(),
+    "pet": "cat dog owl goat hare crow mule toad".split(),
+}
+TEMPLATES = ("{e} {a}: {v}", "the {a} of {e} is {v}", "{e}'s {a} is {v}", "ask {e} about {a} -> {v}")
+_ONSETS, _VOWELS, _CODAS = "b d f g k l m n p r s t v z".split(), "a e i o u".split(), ["", "n", "r", "s", "k"]
+MAX_ENTITIES = 20_000  # well under the distinct names the syllables allow
+
+
+def fact_table(n_entities: int, seed: int) -> list[tuple[str, str, str]]:
+    """(entity, attribute, value) for every entity and attribute: a pure function of the arguments."""
+    r = random.Random(f"knowledge-{seed}")
+    names: list[str] = []
+    seen = set()
+    while len(names) < n_entities:
+        name = "".join(r.choice(_ONSETS) + r.choice(_VOWELS) + r.choice(_CODAS) for _ in range(r.randint(2, 3))).capitalize()
+        if name not in seen:
+            seen.add(name)
+            names.append(name)
+    return [(e, a, r.choice(vs)) for e in names for a, vs in ATTRIBUTES.items()]
+
+
+def held_out_wording(entity: str, attribute: str) -> int:
+    """The template this fact is queried with in validation, and never stated with in training."""
+    return int(_hash01(f"{entity}|{attribute}") * len(TEMPLATES))
+
+
+def knowledge_samples(n_entities: int, seed: int, split: str) -> list[str]:
+    """'train': every fact in every wording but its held-out one, shuffled; 'val': every fact once,
+    in its held-out wording."""
+    out = []
+    for e, a, v in fact_table(n_entities, seed):
+        held = held_out_wording(e, a)
+        wordings = [held] if split == "val" else [t for t in range(len(TEMPLATES)) if t != held]
+        out += [TEMPLATES[t].format(e=e, a=a, v=v) for t in wordings]
+    if split == "train":
+        random.Random(f"knowledge-order-{seed}").shuffle(out)
+    return out
 
 
 # ---- user's text files ------------------------------------------------------------------
@@ -244,20 +332,45 @@ def build_tokenizer(cfg: DataConfig, tokenizer_file: Path | None, train_texts: l
     return BPETokenizer.train(train_texts, cfg.bpe_vocab_size)
 
 
+def synthetic_validation(cfg: DataConfig, tok) -> TokenStream:
+    """The fixed validation set: every fact once (held-out wording), then the skill domains in
+    equal numbers of samples until there are at least `cfg.val_tokens` tokens."""
+    k = len(DOMAINS)  # the knowledge domain's index
+    facts = [(t, k) for t in knowledge_samples(cfg.knowledge_entities, cfg.seed, "val")]
+    have = sum(len(tok.encode(t + "\n")) for t, _ in facts)
+    probe = validation_skill_samples(8, cfg.seed, cfg.val_fraction)  # tokens per skill sample, roughly
+    per_sample = sum(len(tok.encode(t + "\n")) for t, _ in probe) / len(probe)
+    n = max(1, math.ceil(max(0, cfg.val_tokens - have) / per_sample / len(DOMAINS)))
+    while True:
+        skills = validation_skill_samples(n, cfg.seed, cfg.val_fraction)
+        stream = _stream(facts + skills, tok)
+        if len(stream.tokens) >= cfg.val_tokens:
+            return stream
+        n = math.ceil(n * 1.1) + 1
+
+
 def build_corpus(cfg: DataConfig, tokenizer_file: Path | None = None) -> Corpus:
     """Both splits, tokenized. With BPE, `tokenizer_file` is loaded if given (a resumed run
     keeps its tokenizer), else a tokenizer is trained on the training split; a pretrained
     tokenizer is loaded from the folder `tokenizer_file`."""
     if cfg.path is None:
         samples, names = synthetic_samples(cfg.n_samples, cfg.seed), list(DOMAINS)
+        train = [s for s in samples if not in_validation(s[0], cfg.val_fraction)]
+        if cfg.knowledge_entities:
+            names.append(KNOWLEDGE)
+            train += [(t, len(DOMAINS)) for t in knowledge_samples(cfg.knowledge_entities, cfg.seed, "train")]
+            random.Random(f"train-order-{cfg.seed}").shuffle(train)
+        val = None
     else:
         samples, names = file_samples(Path(cfg.path))
-    train = [s for s in samples if not in_validation(s[0], cfg.val_fraction)]
-    val = [s for s in samples if in_validation(s[0], cfg.val_fraction)]
-    if not train or not val:
-        raise ValueError(f"data: {len(samples)} samples give an empty split; add text or change data.val_fraction")
+        train = [s for s in samples if not in_validation(s[0], cfg.val_fraction)]
+        val = [s for s in samples if in_validation(s[0], cfg.val_fraction)]
+        if not train or not val:
+            raise ValueError(f"data: {len(samples)} samples give an empty split; add text or change data.val_fraction")
+    if not train:
+        raise ValueError(f"data: {len(samples)} samples give an empty training split; change data.val_fraction")
     tok = build_tokenizer(cfg, tokenizer_file, [t for t, _ in train])
-    return Corpus(_stream(train, tok), _stream(val, tok), names, tok)
+    return Corpus(_stream(train, tok), synthetic_validation(cfg, tok) if val is None else _stream(val, tok), names, tok)
 
 
 def sample_windows(stream: TokenStream, starts: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

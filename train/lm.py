@@ -11,6 +11,7 @@ loss.png and, for MoE models, expert_load.png.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -29,18 +30,21 @@ from accelerate.utils import DistributedDataParallelKwargs
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from models.moe import MoE, MoEConfig
-from models.transformer import Transformer, TransformerConfig
-from models.upcycle import Upcycling
-from models.validate import check
-from train import plots
-from train.checkpoint import (DONE_MARKER, CheckpointError, RunDirError, atomic_write_text, check_run_dir, check_run_name,
+from moe_playground.models.memory.ema_slot import EMASlotConfig, EMASlotMemory
+from moe_playground.models.memory.product_key import ProductKeyConfig, ProductKeyMemory
+from moe_playground.models.moe import MoE, MoEConfig
+from moe_playground.models.transformer import Transformer, TransformerConfig
+from moe_playground.models.upcycle import Upcycling
+from moe_playground.models.validate import check
+from moe_playground.train import plots
+from moe_playground.train.checkpoint import (DONE_MARKER, CheckpointError, RunDirError, atomic_write_text, check_run_dir, check_run_name,
                               latest_checkpoint, load_newest_good_checkpoint, prepare_run_dir, run_dir_lock,
                               save_checkpoint)
-from train.config import ConfigError, load_config, to_yaml
-from train import warmstart
-from train.data import Corpus, DataConfig, Tokenizer, build_corpus, build_tokenizer, sample_windows
-from train.sampling import domain_samples
+from moe_playground.train.config import ConfigError, load_config, to_yaml
+from moe_playground.train import warmstart
+from moe_playground.train.data import Corpus, DataConfig, Tokenizer, build_corpus, build_tokenizer, sample_windows
+from moe_playground.train.evaluation import evaluate
+from moe_playground.train.sampling import domain_samples
 
 # ---- config -------------------------------------------------------------------------------
 
@@ -80,14 +84,20 @@ class OptimConfig:
 class LogConfig:
     log_every: int = 10
     eval_every: int = 100
-    eval_batches: int = 8           # validation windows: eval_batches global batches at fixed positions
     ckpt_every: int = 200
     keep_checkpoints: int = 3       # the newest kept; resume falls back to an older one when the newest does not load
     progress: bool = True
+    tensorboard: bool = False       # also every metrics row to TensorBoard, in <run dir>/tensorboard (accelerate's tracker)
 
     def __post_init__(self) -> None:
-        for name in ("log_every", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints"):
+        for name in ("log_every", "eval_every", "ckpt_every", "keep_checkpoints"):
             check(getattr(self, name) >= 1, f"log.{name}={getattr(self, name)} must be >= 1")
+        check(not self.tensorboard or importlib.util.find_spec("tensorboard") is not None,
+              "log.tensorboard=true needs the tensorboard package (pip install tensorboard)")
+
+
+# model.ffn -> the sparse layer it builds, from the run config's section of the same name
+SPARSE_FFN = {"moe": MoE, "pkm": ProductKeyMemory, "ema_slot": EMASlotMemory}
 
 
 @dataclass
@@ -97,6 +107,9 @@ class LMRunConfig:
     model: TransformerConfig = field(default_factory=TransformerConfig)
     # used by the layers model.ffn=moe makes sparse; its d_model is the model's, set by build_model
     moe: MoEConfig = field(default_factory=lambda: MoEConfig(d_model=None))
+    # the same for model.ffn=pkm (product-key memory) and model.ffn=ema_slot (EMA slot memory)
+    pkm: ProductKeyConfig = field(default_factory=lambda: ProductKeyConfig(d_model=None))
+    ema_slot: EMASlotConfig = field(default_factory=lambda: EMASlotConfig(d_model=None))
     data: DataConfig = field(default_factory=DataConfig)
     train: OptimConfig = field(default_factory=OptimConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -122,8 +135,10 @@ class LMRunConfig:
         else:
             check(self.model.vocab_size == self.data.bpe_vocab_size,
                   f"model.vocab_size={self.model.vocab_size} must equal data.bpe_vocab_size={self.data.bpe_vocab_size}")
-        check(self.moe.d_model in (None, self.model.d_model),
-              f"moe.d_model={self.moe.d_model} must be left unset: the MoE layers take model.d_model={self.model.d_model}")
+        for key in SPARSE_FFN:
+            width = getattr(self, key).d_model
+            check(width in (None, self.model.d_model),
+                  f"{key}.d_model={width} must be left unset: the {key} layers take model.d_model={self.model.d_model}")
 
     @property
     def run_dir(self) -> Path:
@@ -131,7 +146,7 @@ class LMRunConfig:
 
 
 # Settings a resumed run may give differently: these change nothing a run computes ...
-RESUME_FREE = ("out_dir", "train.stop_at", "train.threads", "log.progress")
+RESUME_FREE = ("out_dir", "train.stop_at", "train.threads", "log.progress", "log.tensorboard")
 # ... and these change only its length and bookkeeping: allowed with --allow-changes, recorded in CHANGES_FILE
 RESUME_SAFE = ("train.steps", "log.log_every", "log.eval_every", "log.ckpt_every", "log.keep_checkpoints")
 CHANGES_FILE = "config_changes.jsonl"
@@ -172,7 +187,10 @@ def resume_changes(cfg: LMRunConfig, allow_changes: bool) -> dict[str, tuple[Any
 
 
 def build_model(cfg: LMRunConfig) -> Transformer:
-    return Transformer(cfg.model, ffn_factory=lambda layer: MoE(replace(cfg.moe, d_model=cfg.model.d_model)))
+    if cfg.model.ffn == "dense":
+        return Transformer(cfg.model)
+    layer, layer_cfg = SPARSE_FFN[cfg.model.ffn], getattr(cfg, cfg.model.ffn)
+    return Transformer(cfg.model, ffn_factory=lambda i: layer(replace(layer_cfg, d_model=cfg.model.d_model)))
 
 
 TOKENIZER_FILE = "tokenizer.json"  # in the run directory of a BPE run
@@ -207,25 +225,6 @@ def build_optimizer(model: torch.nn.Module, c: OptimConfig) -> torch.optim.AdamW
     other = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": c.weight_decay}, {"params": other, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=c.lr, betas=(c.beta1, c.beta2), fused=False)
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, corpus: Corpus, cfg: LMRunConfig, acc: Accelerator) -> dict[str, float]:
-    """The evaluation's entries of a metrics row: `val_loss`, the mean validation loss over fixed, evenly
-    spaced windows, split across processes."""
-    n = cfg.log.eval_batches * cfg.train.batch_size * acc.num_processes  # eval_batches global batches
-    hi = len(corpus.val.tokens) - cfg.train.seq_len - 1
-    starts = torch.linspace(0, hi, n).long()[acc.process_index::acc.num_processes]
-    model.eval()
-    total = torch.zeros(2)
-    for chunk in starts.split(cfg.train.batch_size):
-        x, y, _ = sample_windows(corpus.val, chunk, cfg.train.seq_len)
-        with acc.autocast():
-            out = model(x.to(acc.device), y.to(acc.device))
-        total += torch.tensor([out.loss.float().item() * len(chunk), len(chunk)])
-    model.train()
-    total = acc.reduce(total.to(acc.device), reduction="sum").cpu()
-    return {"val_loss": round((total[0] / total[1]).item(), 5)}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -283,7 +282,8 @@ def train(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = False, al
     (`allow_changes`: the changes in RESUME_SAFE pass and are recorded); `overwrite` starts it again.
     The run directory is locked for the whole run: a second process on it gets RunDirBusy."""
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if cfg.train.precision == "bf16" else "no",
-                      kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+                      kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+                      log_with="tensorboard" if cfg.log.tensorboard else None, project_dir=cfg.run_dir)
     torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // acc.num_processes))
     run_dir = cfg.run_dir
     # everything that can fail on bad input happens before the run directory is touched
@@ -315,13 +315,15 @@ def train(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = False, al
             if cfg.data.tokenizer == "bpe" and not resume:  # a run keeps its own copy
                 corpus.tokenizer.save(run_dir / TOKENIZER_FILE)
             print(memory, flush=True)
+        if cfg.log.tensorboard:
+            acc.init_trackers(TENSORBOARD_DIR)
         acc.wait_for_everyone()
         return _run(cfg, acc, corpus, resumed or start, changes)
 
 
 def _run(cfg: LMRunConfig, acc: Accelerator, corpus: Corpus, resumed: tuple | dict | None, changes: dict) -> dict[str, Any]:
     """The training loop of `train`, once every check has passed and the run directory is ready."""
-    log = MetricsLog(cfg.run_dir / "metrics.jsonl", acc.is_main_process)
+    log = MetricsLog(cfg.run_dir / "metrics.jsonl", acc)
     s = set_up(cfg, acc, resumed, changes, log)
     last_step = cfg.train.stop_at or cfg.train.steps
     bar = tqdm(total=last_step, initial=s.step, disable=not (cfg.log.progress and acc.is_main_process),
@@ -342,11 +344,15 @@ def _run(cfg: LMRunConfig, acc: Accelerator, corpus: Corpus, resumed: tuple | di
     return finish(s, cfg, acc, log, corpus)
 
 
-class MetricsLog:
-    """metrics.jsonl, the run's one log of rows: every write to it goes through here (main process only)."""
+TENSORBOARD_DIR = "tensorboard"  # in the run directory, with log.tensorboard=true
 
-    def __init__(self, path: Path, writer: bool):
-        self.path, self.writer = path, writer
+
+class MetricsLog:
+    """metrics.jsonl, the run's one log of rows: every write to it goes through here (main process only),
+    and from here to accelerate's trackers (TensorBoard with log.tensorboard=true)."""
+
+    def __init__(self, path: Path, acc: Accelerator):
+        self.path, self.writer, self.acc = path, acc.is_main_process, acc
 
     def rows(self) -> list[dict]:
         return plots.read_metrics(self.path)
@@ -360,6 +366,8 @@ class MetricsLog:
         if self.writer:
             with self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
+        if self.acc.trackers:
+            self.acc.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
 
 @dataclass

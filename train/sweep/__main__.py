@@ -1,0 +1,5 @@
+import sys
+
+from moe_playground.train.sweep.cli import main
+
+sys.exit(main())
