@@ -29,13 +29,13 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from benchmarks.moe_layer import interleaved, peak_bytes, step
-from models.memory.ema_slot import EMASlotConfig, EMASlotMemory
-from models.memory.product_key import ProductKeyConfig, ProductKeyMemory
-from models.transformer import SwiGLU
-from train.config import load_config
-from train.lm import LMRunConfig
-from train.sweep.spec import load_sweep
+from moe_playground.benchmarks.moe_layer import interleaved, peak_bytes, step
+from moe_playground.models.memory.ema_slot import EMASlotConfig, EMASlotMemory
+from moe_playground.models.memory.product_key import ProductKeyConfig, ProductKeyMemory
+from moe_playground.models.transformer import SwiGLU
+from moe_playground.train.config import load_config
+from moe_playground.train.lm import LMRunConfig
+from moe_playground.train.sweep.spec import load_sweep
 
 ABLATION = Path(__file__).resolve().parents[1] / "configs/ablations/memory.yaml"
 WIDE = {  # the width of benchmarks.moe_layer (256); a 65,536-entry product-key table (16.8M values)

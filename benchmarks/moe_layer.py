@@ -49,8 +49,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from models.moe import MoE, MoEConfig
-from models.transformer import SwiGLU
+from moe_playground.models.moe import MoE, MoEConfig
+from moe_playground.models.transformer import SwiGLU
 
 CONFIGS = {
     # DeepSeekMoE-style: 64 fine-grained experts, top-6, 2 shared experts of the same size

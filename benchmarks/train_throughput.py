@@ -21,9 +21,9 @@ from dataclasses import replace
 
 import torch
 
-from train.config import load_config
-from train.data import build_corpus, sample_windows
-from train.lm import LMRunConfig, build_model, build_optimizer, lr_at, train
+from moe_playground.train.config import load_config
+from moe_playground.train.data import build_corpus, sample_windows
+from moe_playground.train.lm import LMRunConfig, build_model, build_optimizer, lr_at, train
 
 
 def trainer_tokens_per_s(cfg: LMRunConfig) -> float:

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.validate import check
+from moe_playground.models.validate import check
 
 # ---- config ------------------------------------------------------------------------------------
 

@@ -24,8 +24,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.transformer import SwiGLU
-from models.validate import check
+from moe_playground.models.transformer import SwiGLU
+from moe_playground.models.validate import check
 
 
 # -----------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.validate import check
+from moe_playground.models.validate import check
 
 
 # model.ffn: "dense" SwiGLU everywhere, or the sparse block a factory builds (train/lm.py maps each name to its layer)

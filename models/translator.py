@@ -44,8 +44,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from models.lora import LoraTarget, Loras, factored_lora, flatten_loras
-from models.validate import check
+from moe_playground.models.lora import LoraTarget, Loras, factored_lora, flatten_loras
+from moe_playground.models.validate import check
 
 # -----------------------------------------------------------------------------
 # config

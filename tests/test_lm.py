@@ -317,3 +317,29 @@ def test_ddp_two_processes_match_one_process_at_equal_global_batch(tmp_path, one
     for x, y in zip(a, b):
         assert abs(x["train_loss"] - y["train_loss"]) < 2e-3, (x, y)
     assert abs(a[-1]["val_loss"] - b[-1]["val_loss"]) < 2e-3
+
+
+# ---- logging users already read ----------------------------------------------------------------
+
+
+def test_curves_command_plots_several_runs(tmp_path, capsys):
+    from train.curves import main as curves_main
+    for name in ("a", "b"):
+        train(tiny(tmp_path, f"run_name={name}", "train.steps=10", "log.eval_every=5", "log.ckpt_every=10"))
+    out = tmp_path / "curves.png"
+    assert curves_main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0
+    assert out.stat().st_size > 1000
+    assert curves_main([str(tmp_path / "a"), "--out", str(out)]) == 2          # kept without --overwrite
+    assert "exists" in capsys.readouterr().err
+    assert curves_main([str(tmp_path / "a"), "--metric", "val_los", "--out", str(tmp_path / "x.png")]) == 2
+    assert "no 'val_los' in its metrics; it has" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
+
+
+def test_tensorboard_logging_is_optional(tmp_path):
+    import importlib.util
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(ConfigError, match="needs the tensorboard package"):
+            tiny(tmp_path, "log.tensorboard=true")
+        return
+    run = Path(train(tiny(tmp_path, "log.tensorboard=true", "train.steps=10"))["run_dir"])
+    assert list((run / "tensorboard").rglob("events.out.tfevents.*"))

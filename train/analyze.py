@@ -28,12 +28,12 @@ from pathlib import Path
 
 import torch
 
-from models.moe import MoE
-from train import plots
-from train.checkpoint import latest_checkpoint, load_checkpoint
-from train.config import ConfigError, load_config
-from train.data import build_corpus
-from train.lm import TOKENIZER_FILE, LMRunConfig, build_model
+from moe_playground.models.moe import MoE
+from moe_playground.train import plots
+from moe_playground.train.checkpoint import latest_checkpoint, load_checkpoint
+from moe_playground.train.config import ConfigError, load_config
+from moe_playground.train.data import build_corpus
+from moe_playground.train.lm import TOKENIZER_FILE, LMRunConfig, build_model
 
 
 class AnalysisError(ValueError):

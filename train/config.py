@@ -19,7 +19,7 @@ from typing import Any, Sequence, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from models.validate import check  # noqa: F401  (re-exported for config schemas)
+from moe_playground.models.validate import check  # noqa: F401  (re-exported for config schemas)
 
 T = TypeVar("T")
 

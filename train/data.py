@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from models.validate import check
+from moe_playground.models.validate import check
 
 # ---- config ---------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from train.data import Corpus, TokenStream, sample_windows
+from moe_playground.train.data import Corpus, TokenStream, sample_windows
 
 EVAL_TOKENS_PER_FORWARD = 8192  # windows per forward: this many tokens' worth (at least one training batch)
 

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from train.checkpoint import RunDirError, atomic_write_dir, check_new_dir
-from train.hf.convert import Unexportable, choose_arch, hf_config, to_hf_state
-from train.hf.tokenizer import to_fast_tokenizer
-from train.trained import TrainedRun, load_run
+from moe_playground.train.checkpoint import RunDirError, atomic_write_dir, check_new_dir
+from moe_playground.train.hf.convert import Unexportable, choose_arch, hf_config, to_hf_state
+from moe_playground.train.hf.tokenizer import to_fast_tokenizer
+from moe_playground.train.trained import TrainedRun, load_run
 
 TOLERANCE = 1e-4  # max |logit difference| in fp32 an export may have
 

@@ -11,6 +11,7 @@ loss.png and, for MoE models, expert_load.png.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -29,21 +30,21 @@ from accelerate.utils import DistributedDataParallelKwargs
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from models.memory.ema_slot import EMASlotConfig, EMASlotMemory
-from models.memory.product_key import ProductKeyConfig, ProductKeyMemory
-from models.moe import MoE, MoEConfig
-from models.transformer import Transformer, TransformerConfig
-from models.upcycle import Upcycling
-from models.validate import check
-from train import plots
-from train.checkpoint import (DONE_MARKER, CheckpointError, RunDirError, atomic_write_text, check_run_dir, check_run_name,
+from moe_playground.models.memory.ema_slot import EMASlotConfig, EMASlotMemory
+from moe_playground.models.memory.product_key import ProductKeyConfig, ProductKeyMemory
+from moe_playground.models.moe import MoE, MoEConfig
+from moe_playground.models.transformer import Transformer, TransformerConfig
+from moe_playground.models.upcycle import Upcycling
+from moe_playground.models.validate import check
+from moe_playground.train import plots
+from moe_playground.train.checkpoint import (DONE_MARKER, CheckpointError, RunDirError, atomic_write_text, check_run_dir, check_run_name,
                               latest_checkpoint, load_newest_good_checkpoint, prepare_run_dir, run_dir_lock,
                               save_checkpoint)
-from train.config import ConfigError, load_config, to_yaml
-from train import warmstart
-from train.data import Corpus, DataConfig, Tokenizer, build_corpus, build_tokenizer, sample_windows
-from train.evaluation import evaluate
-from train.sampling import domain_samples
+from moe_playground.train.config import ConfigError, load_config, to_yaml
+from moe_playground.train import warmstart
+from moe_playground.train.data import Corpus, DataConfig, Tokenizer, build_corpus, build_tokenizer, sample_windows
+from moe_playground.train.evaluation import evaluate
+from moe_playground.train.sampling import domain_samples
 
 # ---- config -------------------------------------------------------------------------------
 
@@ -86,10 +87,13 @@ class LogConfig:
     ckpt_every: int = 200
     keep_checkpoints: int = 3       # the newest kept; resume falls back to an older one when the newest does not load
     progress: bool = True
+    tensorboard: bool = False       # also every metrics row to TensorBoard, in <run dir>/tensorboard (accelerate's tracker)
 
     def __post_init__(self) -> None:
         for name in ("log_every", "eval_every", "ckpt_every", "keep_checkpoints"):
             check(getattr(self, name) >= 1, f"log.{name}={getattr(self, name)} must be >= 1")
+        check(not self.tensorboard or importlib.util.find_spec("tensorboard") is not None,
+              "log.tensorboard=true needs the tensorboard package (pip install tensorboard)")
 
 
 # model.ffn -> the sparse layer it builds, from the run config's section of the same name
@@ -142,7 +146,7 @@ class LMRunConfig:
 
 
 # Settings a resumed run may give differently: these change nothing a run computes ...
-RESUME_FREE = ("out_dir", "train.stop_at", "train.threads", "log.progress")
+RESUME_FREE = ("out_dir", "train.stop_at", "train.threads", "log.progress", "log.tensorboard")
 # ... and these change only its length and bookkeeping: allowed with --allow-changes, recorded in CHANGES_FILE
 RESUME_SAFE = ("train.steps", "log.log_every", "log.eval_every", "log.ckpt_every", "log.keep_checkpoints")
 CHANGES_FILE = "config_changes.jsonl"
@@ -278,7 +282,8 @@ def train(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = False, al
     (`allow_changes`: the changes in RESUME_SAFE pass and are recorded); `overwrite` starts it again.
     The run directory is locked for the whole run: a second process on it gets RunDirBusy."""
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if cfg.train.precision == "bf16" else "no",
-                      kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+                      kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+                      log_with="tensorboard" if cfg.log.tensorboard else None, project_dir=cfg.run_dir)
     torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // acc.num_processes))
     run_dir = cfg.run_dir
     # everything that can fail on bad input happens before the run directory is touched
@@ -310,13 +315,15 @@ def train(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = False, al
             if cfg.data.tokenizer == "bpe" and not resume:  # a run keeps its own copy
                 corpus.tokenizer.save(run_dir / TOKENIZER_FILE)
             print(memory, flush=True)
+        if cfg.log.tensorboard:
+            acc.init_trackers(TENSORBOARD_DIR)
         acc.wait_for_everyone()
         return _run(cfg, acc, corpus, resumed or start, changes)
 
 
 def _run(cfg: LMRunConfig, acc: Accelerator, corpus: Corpus, resumed: tuple | dict | None, changes: dict) -> dict[str, Any]:
     """The training loop of `train`, once every check has passed and the run directory is ready."""
-    log = MetricsLog(cfg.run_dir / "metrics.jsonl", acc.is_main_process)
+    log = MetricsLog(cfg.run_dir / "metrics.jsonl", acc)
     s = set_up(cfg, acc, resumed, changes, log)
     last_step = cfg.train.stop_at or cfg.train.steps
     bar = tqdm(total=last_step, initial=s.step, disable=not (cfg.log.progress and acc.is_main_process),
@@ -337,11 +344,15 @@ def _run(cfg: LMRunConfig, acc: Accelerator, corpus: Corpus, resumed: tuple | di
     return finish(s, cfg, acc, log, corpus)
 
 
-class MetricsLog:
-    """metrics.jsonl, the run's one log of rows: every write to it goes through here (main process only)."""
+TENSORBOARD_DIR = "tensorboard"  # in the run directory, with log.tensorboard=true
 
-    def __init__(self, path: Path, writer: bool):
-        self.path, self.writer = path, writer
+
+class MetricsLog:
+    """metrics.jsonl, the run's one log of rows: every write to it goes through here (main process only),
+    and from here to accelerate's trackers (TensorBoard with log.tensorboard=true)."""
+
+    def __init__(self, path: Path, acc: Accelerator):
+        self.path, self.writer, self.acc = path, acc.is_main_process, acc
 
     def rows(self) -> list[dict]:
         return plots.read_metrics(self.path)
@@ -355,6 +366,8 @@ class MetricsLog:
         if self.writer:
             with self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
+        if self.acc.trackers:
+            self.acc.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
 
 @dataclass

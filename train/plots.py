@@ -43,14 +43,15 @@ def heatmap(rows: list[list[float]], row_labels: list[str], xlabel: str, out: Pa
     plt.close(fig)
 
 
-def band_curves(curves: dict[str, tuple[list[int], list[float], list[float]]], out: Path, title: str, ylabel: str) -> None:
+def band_curves(curves: dict[str, tuple[list[int], list[float], list[float]]], out: Path, title: str, ylabel: str,
+                xlabel: str = "step") -> None:
     """One line per name (x, mean, std) with a ± std band, e.g. validation loss of every sweep variant."""
     fig, ax = plt.subplots(figsize=(6.4, 4))
     for name, (x, mean, std) in curves.items():
         (line,) = ax.plot(x, mean, "o-", ms=3, label=name)
         ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                         color=line.get_color(), alpha=0.2)
-    ax.set(xlabel="step", ylabel=ylabel, title=title)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     finals = [mean[-1] for _, mean, _ in curves.values()]
     spread = max(finals) - min(finals)
     # zoom on the end of training, where the variants differ; the first evals run off the top

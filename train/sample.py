@@ -12,9 +12,9 @@ import sys
 
 import torch
 
-from train.checkpoint import RunDirError
-from train.sampling import check_lengths, generate
-from train.trained import load_run
+from moe_playground.train.checkpoint import RunDirError
+from moe_playground.train.sampling import check_lengths, generate
+from moe_playground.train.trained import load_run
 
 
 def main(argv: list[str] | None = None) -> int:

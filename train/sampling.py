@@ -11,7 +11,7 @@ from typing import Iterator
 
 import torch
 
-from train.data import Corpus
+from moe_playground.train.data import Corpus
 
 
 def check_lengths(n_prompt: int, max_new_tokens: int, max_seq_len: int) -> None:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from train.checkpoint import CheckpointError, load_newest_good_checkpoint
-from train.config import ConfigError, load_config
-from train.data import BPETokenizer, ByteTokenizer
-from train.lm import LMRunConfig, build_model, run_tokenizer
+from moe_playground.train.checkpoint import CheckpointError, load_newest_good_checkpoint
+from moe_playground.train.config import ConfigError, load_config
+from moe_playground.train.data import BPETokenizer, ByteTokenizer
+from moe_playground.train.lm import LMRunConfig, build_model, run_tokenizer
 
 
 @dataclass

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from models.upcycle import Upcycling, upcycle_experts
-from train.checkpoint import DONE_MARKER, CheckpointError, load_newest_good_checkpoint
-from train.config import ConfigError, load_config
-from train.hf.convert import from_hf_config, from_hf_state
+from moe_playground.models.upcycle import Upcycling, upcycle_experts
+from moe_playground.train.checkpoint import DONE_MARKER, CheckpointError, load_newest_good_checkpoint
+from moe_playground.train.config import ConfigError, load_config
+from moe_playground.train.hf.convert import from_hf_config, from_hf_state
 
 LAYOUT = ("ffn", "moe_layer_freq", "first_k_dense")  # what an upcycled model takes from the run's config
 
@@ -52,7 +52,7 @@ def resolve(cfg):
             raise ValueError(f"init_from={src} is a dense model: model.ffn={cfg.model.ffn!r} needs upcycle=copy, "
                              "drop:<r> or granular:<G>")
     elif (src / "config.yaml").is_file():
-        from train.lm import LMRunConfig
+        from moe_playground.train.lm import LMRunConfig
         if not (src / DONE_MARKER).exists():
             raise ValueError(f"init_from={src}: that run has not finished (no {DONE_MARKER} file)")
         try:

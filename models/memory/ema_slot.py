@@ -51,8 +51,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.memory.shared import GatedOutput, MemoryAux, ReadTracker, all_gather_rows
-from models.validate import check
+from moe_playground.models.memory.shared import GatedOutput, MemoryAux, ReadTracker, all_gather_rows
+from moe_playground.models.validate import check
 
 
 @dataclass

@@ -27,8 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.memory.shared import GatedOutput, MemoryAux, ReadTracker
-from models.validate import check
+from moe_playground.models.memory.shared import GatedOutput, MemoryAux, ReadTracker
+from moe_playground.models.validate import check
 
 
 # -----------------------------------------------------------------------------

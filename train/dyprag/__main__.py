@@ -1,5 +1,5 @@
 import sys
 
-from train.dyprag.pipeline import main
+from moe_playground.train.dyprag.pipeline import main
 
 sys.exit(main())

@@ -19,7 +19,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from train.dyprag.data import BOS, EOS, PAD, pretrain_sample
+from moe_playground.train.dyprag.data import BOS, EOS, PAD, pretrain_sample
 
 
 # -----------------------------------------------------------------------------

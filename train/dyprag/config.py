@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from models.translator import DESIGNS, TranslatorConfig
-from train.config import check
-from train.dyprag.data import OOD_AXES
+from moe_playground.models.translator import DESIGNS, TranslatorConfig
+from moe_playground.train.config import check
+from moe_playground.train.dyprag.data import OOD_AXES
 
 SOURCES = ("synthetic", "jsonl", "prag")
 

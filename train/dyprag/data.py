@@ -140,7 +140,7 @@ def docs_from_prag(path: str | Path, dataset: str | None, augment_model: str | N
     (the augmentations PRAG trains on), and the dataset question with its aliases
     as the evaluation question. PRAG's augmented files are required: without
     augmentations there is nothing to train a document's LoRA on."""
-    from train.dyprag.prag_format import load_prag
+    from moe_playground.train.dyprag.prag_format import load_prag
 
     docs = []
     for i, r in enumerate(load_prag(path, dataset, augment_model)):

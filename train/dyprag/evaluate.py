@@ -28,12 +28,12 @@ from itertools import islice
 
 import torch
 
-from models.lora import Loras, find_lora_targets, load_loras
-from models.translator import document_states, load_translator, resolve_layers
-from train.checkpoint import atomic_write_text
-from train.dyprag.base import load_base
-from train.dyprag.data import qa_prompt
-from train.dyprag.metrics import answer, cosine_matrix, delta_matrix, exact_match, expand_per_question, f1_score, mean_lora, mean_offdiag_cosine
+from moe_playground.models.lora import Loras, find_lora_targets, load_loras
+from moe_playground.models.translator import document_states, load_translator, resolve_layers
+from moe_playground.train.checkpoint import atomic_write_text
+from moe_playground.train.dyprag.base import load_base
+from moe_playground.train.dyprag.data import qa_prompt
+from moe_playground.train.dyprag.metrics import answer, cosine_matrix, delta_matrix, exact_match, expand_per_question, f1_score, mean_lora, mean_offdiag_cosine
 
 MEAN_LORA_DOCS = 64  # training documents whose generated LoRAs are averaged for the mean-LoRA control
 

@@ -14,8 +14,8 @@ import string
 import torch
 from tqdm import tqdm
 
-from models.lora import Loras, factored_lora
-from train.dyprag.base import encode_pairs
+from moe_playground.models.lora import Loras, factored_lora
+from moe_playground.train.dyprag.base import encode_pairs
 
 # -----------------------------------------------------------------------------
 # SQuAD answer normalization and scores

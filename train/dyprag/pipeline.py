@@ -34,16 +34,16 @@ from pathlib import Path
 
 import torch
 
-from models.lora import export_peft_adapter, find_lora_targets, load_loras, save_loras, stack_loras
-from models.translator import TranslatorMismatchError, document_states, load_translator, resolve_layers, save_translator
-from train.checkpoint import RunDirError, atomic_write, atomic_write_text, check_deletable, check_run_name, clear_run_dir, mark_run_dir, run_dir_lock
-from train.config import ConfigError, load_config, to_yaml
-from train.dyprag.base import build_tiny_llama, load_base, pretrain, train_tokenizer
-from train.dyprag.config import DyPragConfig
-from train.dyprag.data import Doc, Entity, docs_from_prag, docs_jsonl, load_docs_jsonl, make_knowledge_set, tokenizer_corpus
-from train.dyprag.prag import train_doc_loras, train_peft
-from train.dyprag.report import write_report
-from train.dyprag.train_translator import train_translator
+from moe_playground.models.lora import export_peft_adapter, find_lora_targets, load_loras, save_loras, stack_loras
+from moe_playground.models.translator import TranslatorMismatchError, document_states, load_translator, resolve_layers, save_translator
+from moe_playground.train.checkpoint import RunDirError, atomic_write, atomic_write_text, check_deletable, check_run_name, clear_run_dir, mark_run_dir, run_dir_lock
+from moe_playground.train.config import ConfigError, load_config, to_yaml
+from moe_playground.train.dyprag.base import build_tiny_llama, load_base, pretrain, train_tokenizer
+from moe_playground.train.dyprag.config import DyPragConfig
+from moe_playground.train.dyprag.data import Doc, Entity, docs_from_prag, docs_jsonl, load_docs_jsonl, make_knowledge_set, tokenizer_corpus
+from moe_playground.train.dyprag.prag import train_doc_loras, train_peft
+from moe_playground.train.dyprag.report import write_report
+from moe_playground.train.dyprag.train_translator import train_translator
 
 STAGES_DIR = "stages"
 TOKENIZER_DOCS = 400  # training documents (besides pretraining samples) the BPE tokenizer is fitted on
@@ -233,7 +233,7 @@ def stage_translator(run: Run, design: str) -> dict:
 
 
 def stage_eval(run: Run) -> dict:
-    from train.dyprag.evaluate import evaluate_run
+    from moe_playground.train.dyprag.evaluate import evaluate_run
 
     return evaluate_run(run)
 
@@ -287,7 +287,7 @@ def run_pipeline(cfg: DyPragConfig, root: Path) -> Path:
         while todo or running:
             while todo and len(running) < cfg.jobs:
                 k = todo.pop(0)
-                running.append((k, subprocess.Popen([sys.executable, "-m", "train.dyprag", "_seed", str(root), str(k)])))
+                running.append((k, subprocess.Popen([sys.executable, "-m", "moe_playground.train.dyprag", "_seed", str(root), str(k)])))
             time.sleep(1)
             for k, proc in list(running):
                 if proc.poll() is not None:

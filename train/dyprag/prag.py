@@ -24,10 +24,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from tqdm import tqdm
 
-from models.lora import Loras, factored_lora, loras_from_peft
-from train.dyprag.base import encode_pairs
-from train.dyprag.config import LoraShape, PragConfig
-from train.dyprag.data import EOS, Doc, qa_prompt, qa_target
+from moe_playground.models.lora import Loras, factored_lora, loras_from_peft
+from moe_playground.train.dyprag.base import encode_pairs
+from moe_playground.train.dyprag.config import LoraShape, PragConfig
+from moe_playground.train.dyprag.data import EOS, Doc, qa_prompt, qa_target
 
 
 def doc_examples(doc: Doc) -> list[tuple[str, str]]:

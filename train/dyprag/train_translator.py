@@ -27,12 +27,12 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
-from models.lora import Loras
-from models.translator import TranslatorConfig, Translator, build_translator, document_states, resolve_layers, translator_loss
-from train.dyprag.base import encode_pairs
-from train.dyprag.config import DyPragConfig
-from train.dyprag.data import Doc, qa_prompt, qa_target
-from train.dyprag.metrics import expand_per_question
+from moe_playground.models.lora import Loras
+from moe_playground.models.translator import TranslatorConfig, Translator, build_translator, document_states, resolve_layers, translator_loss
+from moe_playground.train.dyprag.base import encode_pairs
+from moe_playground.train.dyprag.config import DyPragConfig
+from moe_playground.train.dyprag.data import Doc, qa_prompt, qa_target
+from moe_playground.train.dyprag.metrics import expand_per_question
 
 CALIBRATION_DOCS = 64  # documents whose token statistics standardize the translator's input
 

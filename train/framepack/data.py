@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from models.validate import check
+from moe_playground.models.validate import check
 
 SHAPES = ("disc", "square", "diamond")
 

@@ -28,16 +28,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from models.validate import check  # noqa: E402
-from train.checkpoint import (DONE_MARKER, RunDirError, atomic_write_text, check_run_name, checkpoint_candidates,  # noqa: E402
+from moe_playground.models.validate import check  # noqa: E402
+from moe_playground.train.checkpoint import (DONE_MARKER, RunDirError, atomic_write_text, check_run_name, checkpoint_candidates,  # noqa: E402
                               mark_run_dir, run_dir_lock)
-from train.config import ConfigError, load_config, to_yaml  # noqa: E402
-from train.framepack.data import Videos, videos_for_seeds  # noqa: E402
-from train.framepack.evaluate import DRIFT_SHARE, drift, frame_measures, save_strip, sharpness  # noqa: E402
-from train.framepack.sampling import ORDERS, rollout, section_starts  # noqa: E402
-from train.framepack.train import FramePackRunConfig, NonFiniteLoss, load_trained, train  # noqa: E402
-from train import plots  # noqa: E402
-from train.lm import CHANGES_FILE, config_changes  # noqa: E402
+from moe_playground.train.config import ConfigError, load_config, to_yaml  # noqa: E402
+from moe_playground.train.framepack.data import Videos, videos_for_seeds  # noqa: E402
+from moe_playground.train.framepack.evaluate import DRIFT_SHARE, drift, frame_measures, save_strip, sharpness  # noqa: E402
+from moe_playground.train.framepack.sampling import ORDERS, rollout, section_starts  # noqa: E402
+from moe_playground.train.framepack.train import FramePackRunConfig, NonFiniteLoss, load_trained, train  # noqa: E402
+from moe_playground.train import plots  # noqa: E402
+from moe_playground.train.lm import CHANGES_FILE, config_changes  # noqa: E402
 
 ARMS = ("packed", "reference")
 MEASURES = ("mse", "centroid_err", "sharpness", "binarity", "count_err")
@@ -127,7 +127,7 @@ def train_all(cfgs: list[FramePackRunConfig], config_files: list[Path], override
             return 0
         flag = "--resume" if checkpoint_candidates(cfgs[i].run_dir) else "--overwrite"
         print(f"training {cfgs[i].run_dir} ({flag})", flush=True)
-        return subprocess.run([sys.executable, "-m", "train.framepack.train", str(config_files[i]), *overrides[i], flag,
+        return subprocess.run([sys.executable, "-m", "moe_playground.train.framepack.train", str(config_files[i]), *overrides[i], flag,
                                "log.progress=false"], stdout=subprocess.DEVNULL).returncode
     with ThreadPoolExecutor(jobs) as pool:
         failed = [cfgs[i].run_dir for i, rc in zip(todo, pool.map(one, todo)) if rc != 0]

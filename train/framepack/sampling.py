@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from models.framepack import Context, FramePack
+from moe_playground.models.framepack import Context, FramePack
 
 ORDERS = ("causal", "bidirectional", "inverted")
 

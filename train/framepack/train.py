@@ -23,16 +23,16 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from models.framepack import FramePack, FramePackConfig
-from models.validate import check
-from train import plots
-from train.checkpoint import (DONE_MARKER, RunDirError, atomic_write_text, check_run_dir, check_run_name,
+from moe_playground.models.framepack import FramePack, FramePackConfig
+from moe_playground.models.validate import check
+from moe_playground.train import plots
+from moe_playground.train.checkpoint import (DONE_MARKER, RunDirError, atomic_write_text, check_run_dir, check_run_name,
                               load_newest_good_checkpoint, prepare_run_dir, run_dir_lock, save_checkpoint)
-from train.config import ConfigError, load_config, to_yaml
-from train.framepack.data import SimConfig, simulate, videos_for_seeds
-from train.framepack.evaluate import save_strip
-from train.framepack.sampling import ORDERS, draw_known, gather_context, rollout, section_starts
-from train.lm import CHANGES_FILE, RESUME_SAFE, LogConfig, NonFiniteLoss, build_optimizer, config_changes, lr_at
+from moe_playground.train.config import ConfigError, load_config, to_yaml
+from moe_playground.train.framepack.data import SimConfig, simulate, videos_for_seeds
+from moe_playground.train.framepack.evaluate import save_strip
+from moe_playground.train.framepack.sampling import ORDERS, draw_known, gather_context, rollout, section_starts
+from moe_playground.train.lm import CHANGES_FILE, RESUME_SAFE, LogConfig, NonFiniteLoss, build_optimizer, config_changes, lr_at
 
 VAL_SEED = 1_000_003  # validation clips and contexts are the same for every run
 STRIP_SEEDS = [10_000, 10_001]  # the videos of rollouts.png

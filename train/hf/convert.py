@@ -24,8 +24,8 @@ from typing import Callable
 
 import torch
 
-from models.moe import MoEConfig
-from models.transformer import TransformerConfig
+from moe_playground.models.moe import MoEConfig
+from moe_playground.models.transformer import TransformerConfig
 
 # ---- which architecture ----------------------------------------------------------------------
 
@@ -76,7 +76,7 @@ def choose_arch(m: TransformerConfig, e: MoEConfig) -> Arch:
     if not any(_layout(m)):
         return LLAMA
     common = ([f"moe.routing={e.routing!r} (token choice only)"] * (e.routing != "token_choice")
-              + [f"moe.capacity_factor={e.capacity_factor} at evaluation (dropless only; set moe.eval_capacity_factor=.inf)"]
+              + [f"expert capacity at evaluation, moe.eval_capacity_factor={e.eval_capacity_factor} (dropless only: null or .inf)"]
               * (e.capacity(1024, training=False) is not None))
     if common:
         raise Unexportable("no transformers architecture expresses " + "; ".join(common))

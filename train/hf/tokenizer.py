@@ -6,7 +6,7 @@ The byte tokenizer (id = byte value) becomes a byte-level BPE with no merges who
 
 from __future__ import annotations
 
-from train.data import BPETokenizer, ByteTokenizer
+from moe_playground.train.data import BPETokenizer, PretrainedTokenizer, Tokenizer
 
 
 def byte_symbols() -> list[str]:
@@ -31,8 +31,10 @@ def byte_level_tokenizer():
     return tok
 
 
-def to_fast_tokenizer(tokenizer: ByteTokenizer | BPETokenizer, max_length: int):
-    """A PreTrainedTokenizerFast that encodes and decodes exactly as `tokenizer`."""
+def to_fast_tokenizer(tokenizer: Tokenizer, max_length: int):
+    """A PreTrainedTokenizerFast that encodes and decodes exactly as `tokenizer` (a pretrained one: itself)."""
     from transformers import PreTrainedTokenizerFast
+    if isinstance(tokenizer, PretrainedTokenizer):
+        return tokenizer.tok
     tok = tokenizer.tok if isinstance(tokenizer, BPETokenizer) else byte_level_tokenizer()
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_length, clean_up_tokenization_spaces=False)

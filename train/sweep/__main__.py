@@ -1,5 +1,5 @@
 import sys
 
-from train.sweep.cli import main
+from moe_playground.train.sweep.cli import main
 
 sys.exit(main())

@@ -6,12 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from train.checkpoint import RunDirError, clear_run_dir, mark_run_dir, run_dir_lock
-from train.config import ConfigError
-from train.sweep import __doc__ as DOC
-from train.sweep.report import write_results
-from train.sweep.runner import execute
-from train.sweep.spec import TINY_OVERLAY, SweepError, load_sweep
+from moe_playground.train.checkpoint import RunDirError, clear_run_dir, mark_run_dir, run_dir_lock
+from moe_playground.train.config import ConfigError
+from moe_playground.train.sweep import __doc__ as DOC
+from moe_playground.train.sweep.report import write_results
+from moe_playground.train.sweep.runner import execute
+from moe_playground.train.sweep.spec import TINY_OVERLAY, SweepError, load_sweep
 
 
 def main(argv: list[str] | None = None) -> int:

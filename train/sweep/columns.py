@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from train import plots
+from moe_playground.train import plots
 
 TAIL = 0.2  # training-time layer metrics are averaged over the logged steps of the last 20% of training
 

@@ -15,14 +15,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from train import plots
-from train.checkpoint import atomic_write_text
-from train.config import load_config
-from train.lm import LMRunConfig
-from train.sweep.columns import COLUMNS, Column, RunRecord, domain_column
-from train.sweep.runner import finished
-from train.sweep.spec import Sweep, as_overrides, domain_names
-from train.sweep.stats import CONFIDENCE, overall, paired_difference
+from moe_playground.train import plots
+from moe_playground.train.checkpoint import atomic_write_text
+from moe_playground.train.config import load_config
+from moe_playground.train.lm import LMRunConfig
+from moe_playground.train.sweep.columns import COLUMNS, Column, RunRecord, domain_column
+from moe_playground.train.sweep.runner import finished
+from moe_playground.train.sweep.spec import Sweep, as_overrides, domain_names
+from moe_playground.train.sweep.stats import CONFIDENCE, overall, paired_difference
 
 CLAIMS_FILE = "claims.json"
 
@@ -264,7 +264,7 @@ def write_results(sweep: Sweep, report: Path | None = None) -> list[VariantResul
 
 def _specialization(sweep: Sweep) -> list[tuple[str, str, str]]:
     """Routing-by-domain analysis of each MoE variant's first finished run: (caption, image, table)."""
-    from train.analyze import analyze  # imported here: it loads models, which the plain runner never needs
+    from moe_playground.train.analyze import analyze  # imported here: it loads models, which the plain runner never needs
 
     out = []
     for variant in sweep.variants:

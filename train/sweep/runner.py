@@ -23,12 +23,12 @@ from typing import Any, Callable
 
 from tqdm import tqdm
 
-from train import plots
-from train.checkpoint import DONE_MARKER, atomic_write_text, latest_checkpoint
-from train.config import ConfigError, load_config
-from train.lm import LMRunConfig, config_changes
-from train.sweep.columns import RunRecord
-from train.sweep.spec import Run, Sweep, SweepError
+from moe_playground.train import plots
+from moe_playground.train.checkpoint import DONE_MARKER, atomic_write_text, latest_checkpoint
+from moe_playground.train.config import ConfigError, load_config
+from moe_playground.train.lm import LMRunConfig, config_changes
+from moe_playground.train.sweep.columns import RunRecord
+from moe_playground.train.sweep.spec import Run, Sweep, SweepError
 
 
 def finished(run_dir: Path) -> bool:
@@ -84,7 +84,7 @@ def _die_with_sweep() -> Callable[[], None] | None:
 
 def _command(run: Run, sweep: Sweep, state: str, threads: int) -> list[str]:
     flag = {"resume": ["--resume"], "restart": ["--overwrite"]}.get(state, [])
-    return [sys.executable, "-m", "train.lm", str(sweep.config), *run.overrides,
+    return [sys.executable, "-m", "moe_playground.train.lm", str(sweep.config), *run.overrides,
             f"train.threads={threads}", "log.progress=false", *flag]
 
 

@@ -30,11 +30,11 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
-from train.checkpoint import check_run_name
-from train.config import ConfigError, load_config, read_yaml_mapping
-from train.data import DOMAINS, KNOWLEDGE, text_files
-from train.lm import LMRunConfig
-from train.sweep.columns import COLUMNS, DOMAIN_PREFIX
+from moe_playground.train.checkpoint import check_run_name
+from moe_playground.train.config import ConfigError, load_config, read_yaml_mapping
+from moe_playground.train.data import DOMAINS, KNOWLEDGE, text_files
+from moe_playground.train.lm import LMRunConfig
+from moe_playground.train.sweep.columns import COLUMNS, DOMAIN_PREFIX
 
 SWEEP_KEYS = {
     "name": "sweep name (default: the file name)",

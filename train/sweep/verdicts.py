@@ -15,11 +15,11 @@ import math
 import sys
 from pathlib import Path
 
-from train.checkpoint import atomic_write_text
-from train.config import ConfigError
-from train.sweep.report import CLAIMS_FILE
-from train.sweep.spec import Sweep, load_sweep, read_sweep_file
-from train.sweep.stats import HOLDS, REVERSED, UNDECIDED
+from moe_playground.train.checkpoint import atomic_write_text
+from moe_playground.train.config import ConfigError
+from moe_playground.train.sweep.report import CLAIMS_FILE
+from moe_playground.train.sweep.spec import Sweep, load_sweep, read_sweep_file
+from moe_playground.train.sweep.stats import HOLDS, REVERSED, UNDECIDED
 
 ROOT = Path(__file__).resolve().parents[2]
 NOT_MEASURED = "not measured"
