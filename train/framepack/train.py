@@ -54,11 +54,12 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0          # 0 = off
+    eval_batches: int = 4           # validation micro-batches per order at each evaluation (fixed clips)
     seed: int = 0
     threads: int = 1                # torch threads
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "prompt", "threads"):
+        for name in ("steps", "batch_size", "grad_accum", "prompt", "eval_batches", "threads"):
             check(getattr(self, name) >= 1, f"train.{name}={getattr(self, name)} must be >= 1")
         check(self.lr > 0, f"train.lr={self.lr} must be > 0")
         check(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
@@ -105,12 +106,12 @@ def batch_loss(model: FramePack, cfg: FramePackRunConfig, gen: torch.Generator, 
 
 @torch.no_grad()
 def evaluate(model: FramePack, cfg: FramePackRunConfig) -> dict[str, float]:
-    """Validation loss per mode over fixed clips and contexts (`log.eval_batches` micro-batches per mode)."""
+    """Validation loss per mode over fixed clips and contexts (`train.eval_batches` micro-batches per mode)."""
     model.eval()
     out = {}
     for mode in cfg.train.modes:
         gen = torch.Generator().manual_seed(VAL_SEED)
-        losses = [batch_loss(model, cfg, gen, [mode]) for _ in range(cfg.log.eval_batches)]
+        losses = [batch_loss(model, cfg, gen, [mode]) for _ in range(cfg.train.eval_batches)]
         out[f"val_loss/{mode}"] = torch.stack(losses).mean().item()
     model.train()
     out["val_loss"] = sum(out.values()) / len(out)
