@@ -50,7 +50,7 @@ def build_page(sweeps_dir: Path, results_dir: Path) -> str:
             for a, b in c.pairs:
                 v = by_test.get((c.text, a, b))
                 test = f"{c.metric}: {a} < {b}"
-                if v is None:
+                if v is None or v["n"] == 0:  # no sweep run, or no finished seed of one of the two
                     counts[NOT_MEASURED] += 1
                     rows.append(_row(c.claim or c.text, c.source or "–", test, NOT_MEASURED, "–", "–", page))
                     continue
