@@ -325,7 +325,7 @@ class FastWeightTranslator(Translator):
         self.heads = nn.ModuleDict({_param_key(t): LoraHead(H, 1, t.in_features, t.out_features, cfg.init_std_b) for t in self.targets})
 
     def generate(self, x_NSC: Tensor, mask_NS: Tensor) -> Loras:
-        N, R = x_NSC.shape[0], self.rank
+        R = self.rank
         u_NSH = self.token_in(x_NSC)
         scores_NSQ = self.write(u_NSH).masked_fill(~mask_NS[..., None], float("-inf"))
         z_NQH = self.slot_norm(torch.einsum("nsq,nsh->nqh", scores_NSQ.softmax(1), u_NSH))

@@ -49,6 +49,16 @@ from moe_playground.train.sampling import domain_samples
 # ---- config -------------------------------------------------------------------------------
 
 
+def check_optimizer(t) -> None:
+    """The checks of the AdamW + warmup-cosine fields every trainer's `train` section has (lm, framepack)."""
+    check(t.lr > 0, f"train.lr={t.lr} must be > 0")
+    check(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
+    check(0 <= t.warmup_steps <= t.steps, f"train.warmup_steps={t.warmup_steps} must be in [0, steps={t.steps}]")
+    check(t.weight_decay >= 0 and t.grad_clip >= 0, "train.weight_decay and train.grad_clip must be >= 0")
+    check(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)")
+    check(t.stop_at is None or 1 <= t.stop_at <= t.steps, f"train.stop_at={t.stop_at} must be in [1, steps={t.steps}]")
+
+
 @dataclass
 class OptimConfig:
     steps: int = 600                # length of the schedule
@@ -70,13 +80,8 @@ class OptimConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "seq_len"):
             check(getattr(self, name) >= 1, f"train.{name}={getattr(self, name)} must be >= 1")
-        check(self.lr > 0, f"train.lr={self.lr} must be > 0")
-        check(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
-        check(0 <= self.warmup_steps <= self.steps, f"train.warmup_steps={self.warmup_steps} must be in [0, steps={self.steps}]")
-        check(self.weight_decay >= 0 and self.grad_clip >= 0, "train.weight_decay and train.grad_clip must be >= 0")
-        check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)")
+        check_optimizer(self)
         check(self.precision in ("fp32", "bf16"), f"train.precision={self.precision!r} must be 'fp32' or 'bf16'")
-        check(self.stop_at is None or 1 <= self.stop_at <= self.steps, f"train.stop_at={self.stop_at} must be in [1, steps={self.steps}]")
         check(self.threads is None or self.threads >= 1, f"train.threads={self.threads} must be >= 1")
 
 
@@ -524,11 +529,14 @@ def finish(s: RunState, cfg: LMRunConfig, acc: Accelerator, log: MetricsLog, cor
 # ---- command line ----------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.lm", description=__doc__, allow_abbrev=False,
+def trainer_cli(prog: str, doc: str | None, schema: type, train_fn, argv: list[str] | None, example: str) -> dict | None:
+    """The command line every trainer shares: `<config> [overrides] [--resume | --overwrite]
+    [--allow-changes]`, config loaded onto `schema`, then `train_fn(cfg, resume=, overwrite=,
+    allow_changes=)`. Returns its summary, or None after printing `error: ...` for bad input."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", help="YAML config, e.g. configs/lm/deepseekmoe.yaml")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=100 model.n_layer=2")
+    p.add_argument("config", help=f"YAML config, e.g. {example}")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=100")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue runs/<run_name> from its last checkpoint")
     g.add_argument("--overwrite", action="store_true", help="delete an existing runs/<run_name> and start again")
@@ -538,10 +546,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.allow_changes and not args.resume:
         p.error("--allow-changes applies only with --resume")
     try:
-        cfg = load_config(LMRunConfig, args.config, args.overrides)
-        summary = train(cfg, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes)
+        cfg = load_config(schema, args.config, args.overrides)
+        return train_fn(cfg, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes)
     except (ConfigError, RunDirError, NonFiniteLoss, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    summary = trainer_cli("python -m train.lm", __doc__, LMRunConfig, train, argv, "configs/lm/deepseekmoe.yaml")
+    if summary is None:
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary))

@@ -47,7 +47,6 @@ def resolve(cfg):
         except (OSError, ValueError) as e:
             raise ValueError(f"init_from={src}: its config.json does not load ({e})") from None
         model = from_hf_config(hf, cfg.model)
-        moe = cfg.moe
         if how is None and cfg.model.ffn != "dense":
             raise ValueError(f"init_from={src} is a dense model: model.ffn={cfg.model.ffn!r} needs upcycle=copy, "
                              "drop:<r> or granular:<G>")

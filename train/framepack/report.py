@@ -284,7 +284,7 @@ def write_page(rc: ResultsConfig, cfgs: dict, per_seed: dict[int, dict], train_i
         f"causal only, trained {rcf.train.steps} steps on {rcf.train.clip_len}-frame clips; judged on {rc.short_length}-frame "
         f"videos; seeds {', '.join(map(str, rc.ref_seeds))}. Final validation MSE {train_info['reference']['val']}, "
         f"training time {train_info['reference']['wall']} per seed.",
-        f"- **Orders** (`train/framepack/sampling.py`): *causal* (first to last), *bidirectional* (first and last section "
+        "- **Orders** (`train/framepack/sampling.py`): *causal* (first to last), *bidirectional* (first and last section "
         "first, then the sections between, each seeing the packed past and the generated end), *inverted* (last to first, "
         "each section seeing the anchor and the packed future).",
         "- **Measures** (`train/framepack/evaluate.py`), averaged over generated frames: MSE and object-centroid error "

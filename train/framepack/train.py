@@ -11,7 +11,6 @@ rollouts.png (a few rollouts per order against the truth) and DONE once finished
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -32,7 +31,7 @@ from moe_playground.train.config import ConfigError, load_config, to_yaml
 from moe_playground.train.framepack.data import SimConfig, simulate, videos_for_seeds
 from moe_playground.train.framepack.evaluate import save_strip
 from moe_playground.train.framepack.sampling import ORDERS, draw_known, gather_context, rollout, section_starts
-from moe_playground.train.lm import CHANGES_FILE, RESUME_SAFE, LogConfig, NonFiniteLoss, build_optimizer, config_changes, lr_at
+from moe_playground.train.lm import CHANGES_FILE, RESUME_SAFE, LogConfig, check_optimizer, trainer_cli, NonFiniteLoss, build_optimizer, config_changes, lr_at
 
 VAL_SEED = 1_000_003  # validation clips and contexts are the same for every run
 STRIP_SEEDS = [10_000, 10_001]  # the videos of rollouts.png
@@ -61,12 +60,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "prompt", "eval_batches", "threads"):
             check(getattr(self, name) >= 1, f"train.{name}={getattr(self, name)} must be >= 1")
-        check(self.lr > 0, f"train.lr={self.lr} must be > 0")
-        check(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
-        check(0 <= self.warmup_steps <= self.steps, f"train.warmup_steps={self.warmup_steps} must be in [0, steps={self.steps}]")
-        check(self.weight_decay >= 0 and self.grad_clip >= 0, "train.weight_decay and train.grad_clip must be >= 0")
-        check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)")
-        check(self.stop_at is None or 1 <= self.stop_at <= self.steps, f"train.stop_at={self.stop_at} must be in [1, steps={self.steps}]")
+        check_optimizer(self)
         check(len(self.modes) >= 1 and all(m in ORDERS for m in self.modes),
               f"train.modes={self.modes} must be a non-empty list drawn from {ORDERS}")
 
@@ -244,23 +238,8 @@ def load_trained(run_dir: Path) -> tuple[FramePack, FramePackRunConfig]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.framepack.train", description=__doc__, allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", help="YAML config, e.g. configs/framepack/base.yaml")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=100")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--resume", action="store_true", help="continue runs/<run_name> from its last checkpoint")
-    g.add_argument("--overwrite", action="store_true", help="delete an existing runs/<run_name> and start again")
-    p.add_argument("--allow-changes", action="store_true",
-                   help=f"with --resume: allow a changed {', '.join(RESUME_SAFE)}; recorded in <run dir>/{CHANGES_FILE}")
-    args = p.parse_intermixed_args(argv)
-    if args.allow_changes and not args.resume:
-        p.error("--allow-changes applies only with --resume")
-    try:
-        cfg = load_config(FramePackRunConfig, args.config, args.overrides)
-        summary = train(cfg, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes)
-    except (ConfigError, RunDirError, NonFiniteLoss, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    summary = trainer_cli("python -m train.framepack.train", __doc__, FramePackRunConfig, train, argv, "configs/framepack/base.yaml")
+    if summary is None:
         return 2
     print(json.dumps(summary))
     return 0

@@ -63,7 +63,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("max_vio", "MaxVio (train)", 3, lambda run: layer_metric(run.rows, "max_vio"),
            doc=f"per training batch, mean over MoE layers and the logged steps of the last {TAIL:.0%} of training"),
     Column("drop_fraction", "drop fraction", 4, lambda run: layer_metric(run.rows, "drop_fraction"),
-           doc=f"share of token-expert assignments dropped by capacity in training, averaged like MaxVio (train)"),
+           doc="share of token-expert assignments dropped by capacity in training, averaged like MaxVio (train)"),
     Column("tokens_per_s", "tokens/s", 0, lambda run: run.summary.get("tokens_per_s"),
            doc="training tokens over training wall time, on a shared CPU, so noisy"),
 )
