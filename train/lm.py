@@ -280,6 +280,20 @@ def memory_check(cfg: LMRunConfig, device: torch.device) -> str:
 TRAIN_STATE = ("optimizer", "scheduler", "torch_rng", "data_rng", "step", "expert_load")  # what a checkpoint must hold
 
 
+def loop_state(opt, sched, data_gen: torch.Generator) -> dict[str, Any]:
+    """The optimizer, schedule and random states a checkpoint keeps for an exact resume (every trainer)."""
+    return {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
+            "data_rng": data_gen.get_state()}
+
+
+def restore_loop_state(opt, sched, data_gen: torch.Generator, state: dict[str, Any]) -> None:
+    """Undo `loop_state`: the optimizer, schedule and random states of a checkpoint."""
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    data_gen.set_state(state["data_rng"])
+
+
 def train(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = False, allow_changes: bool = False) -> dict[str, Any]:
     """Train per `cfg`; returns a summary (final val loss, tokens/s, run dir, ...).
 
@@ -413,10 +427,7 @@ def set_up(cfg: LMRunConfig, acc: Accelerator, resumed: tuple | dict | None, cha
     elif resumed:
         path, weights, state, skipped = resumed
         model.load_state_dict(weights)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        s.data_gen.set_state(state["data_rng"])
+        restore_loop_state(opt, sched, s.data_gen, state)
         s.step = int(state["step"])
         s.expert_load.update(state["expert_load"])
         # checkpoints written before wall time and the loss window were kept lack them
@@ -491,8 +502,7 @@ def save(s: RunState, cfg: LMRunConfig, acc: Accelerator) -> None:
     """A checkpoint of the weights and everything a resume needs to continue exactly."""
     acc.wait_for_everyone()
     if acc.is_main_process:
-        state = {"optimizer": s.opt.state_dict(), "scheduler": s.sched.state_dict(), "torch_rng": torch.get_rng_state(),
-                 "data_rng": s.data_gen.get_state(), "step": s.step, "wall_s": s.wall_s(),
+        state = {**loop_state(s.opt, s.sched, s.data_gen), "step": s.step, "wall_s": s.wall_s(),
                  "loss_window": (s.win_loss, s.win_steps), "expert_load": s.expert_load}
         save_checkpoint(cfg.run_dir, s.step, acc.unwrap_model(s.model).state_dict(), state, keep=cfg.log.keep_checkpoints)
 

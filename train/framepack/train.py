@@ -31,7 +31,7 @@ from moe_playground.train.config import ConfigError, load_config, to_yaml
 from moe_playground.train.framepack.data import SimConfig, simulate, videos_for_seeds
 from moe_playground.train.framepack.evaluate import save_strip
 from moe_playground.train.framepack.sampling import ORDERS, draw_known, gather_context, rollout, section_starts
-from moe_playground.train.lm import CHANGES_FILE, RESUME_SAFE, LogConfig, check_optimizer, trainer_cli, NonFiniteLoss, build_optimizer, config_changes, lr_at
+from moe_playground.train.lm import CHANGES_FILE, RESUME_SAFE, LogConfig, check_optimizer, loop_state, restore_loop_state, trainer_cli, NonFiniteLoss, build_optimizer, config_changes, lr_at
 
 VAL_SEED = 1_000_003  # validation clips and contexts are the same for every run
 STRIP_SEEDS = [10_000, 10_001]  # the videos of rollouts.png
@@ -167,10 +167,7 @@ def _run(cfg: FramePackRunConfig, resumed: tuple | None) -> dict[str, Any]:
     if resumed:
         path, weights, state, skipped = resumed
         model.load_state_dict(weights)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        gen.set_state(state["data_rng"])
+        restore_loop_state(opt, sched, gen, state)
         step, wall_before = int(state["step"]), float(state.get("wall_s", 0.0))
         kept = [m for m in plots.read_metrics(metrics_file) if m["step"] <= step]  # what follows is about to be redone
         atomic_write_text(metrics_file, "".join(json.dumps(m) + "\n" for m in kept))
@@ -209,8 +206,7 @@ def _run(cfg: FramePackRunConfig, resumed: tuple | None) -> dict[str, Any]:
             bar.write(" | ".join(f"{k} {v:.4g}" for k, v in row.items()))
             t_window, win = now, []
         if step % log.ckpt_every == 0 or step == last:
-            state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
-                     "data_rng": gen.get_state(), "step": step, "wall_s": wall()}
+            state = {**loop_state(opt, sched, gen), "step": step, "wall_s": wall()}
             save_checkpoint(run_dir, step, model.state_dict(), state, keep=log.keep_checkpoints)
     bar.close()
     metrics = plots.read_metrics(metrics_file)
