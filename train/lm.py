@@ -170,11 +170,11 @@ def config_changes(old: LMRunConfig, new: LMRunConfig) -> dict[str, tuple[Any, A
     return {k: (a[k], b[k]) for k in a if a[k] != b[k] and k not in RESUME_FREE}
 
 
-def resume_changes(cfg: LMRunConfig, allow_changes: bool) -> dict[str, tuple[Any, Any]]:
-    """The changes resuming `cfg.run_dir` with `cfg` makes to the run's saved config; RunDirError listing
-    the keys when one is not allowed (with `allow_changes`, those in RESUME_SAFE are)."""
+def resume_changes(cfg, allow_changes: bool) -> dict[str, tuple[Any, Any]]:
+    """The changes resuming `cfg.run_dir` with `cfg` (any trainer's run config) makes to the run's saved config;
+    RunDirError listing the keys when one is not allowed (with `allow_changes`, those in RESUME_SAFE are)."""
     try:
-        saved = load_config(LMRunConfig, cfg.run_dir / "config.yaml")
+        saved = load_config(type(cfg), cfg.run_dir / "config.yaml")
     except ConfigError as e:
         raise RunDirError(f"cannot resume {cfg.run_dir}: its config does not load ({e})") from None
     changes = config_changes(saved, cfg)
@@ -186,6 +186,12 @@ def resume_changes(cfg: LMRunConfig, allow_changes: bool) -> dict[str, tuple[Any
             + ". Resume with the run's own settings, start again with --overwrite, or choose another run_name"
             + f" (with --allow-changes a resume may change {', '.join(RESUME_SAFE)})")
     return changes
+
+
+def record_changes(run_dir: Path, step: int, changes: dict[str, tuple[Any, Any]]) -> None:
+    """Append the settings a resume at `step` changed to the run's CHANGES_FILE."""
+    with (run_dir / CHANGES_FILE).open("a") as f:
+        f.write(json.dumps({"step": step, "changes": {k: list(v) for k, v in changes.items()}}) + "\n")
 
 
 # ---- pieces ------------------------------------------------------------------------------
@@ -436,8 +442,7 @@ def set_up(cfg: LMRunConfig, acc: Accelerator, resumed: tuple | dict | None, cha
         if acc.is_main_process:
             (cfg.run_dir / DONE_MARKER).unlink(missing_ok=True)
             if changes:
-                with (cfg.run_dir / CHANGES_FILE).open("a") as f:
-                    f.write(json.dumps({"step": s.step, "changes": {k: list(v) for k, v in changes.items()}}) + "\n")
+                record_changes(cfg.run_dir, s.step, changes)
             print(f"resuming from {path} (step {s.step})" + "".join(f"; skipped {p}" for p in skipped)
                   + "".join(f"; {k} {a!r} -> {b!r}" for k, (a, b) in changes.items()), flush=True)
     s.model, s.opt = acc.prepare(model, opt)

@@ -27,11 +27,12 @@ from moe_playground.models.validate import check
 from moe_playground.train import plots
 from moe_playground.train.checkpoint import (DONE_MARKER, RunDirError, atomic_write_text, check_run_dir, check_run_name,
                               load_newest_good_checkpoint, prepare_run_dir, run_dir_lock, save_checkpoint)
-from moe_playground.train.config import ConfigError, load_config, to_yaml
+from moe_playground.train.config import load_config, to_yaml
 from moe_playground.train.framepack.data import SimConfig, simulate, videos_for_seeds
 from moe_playground.train.framepack.evaluate import save_strip
 from moe_playground.train.framepack.sampling import ORDERS, draw_known, gather_context, rollout, section_starts
-from moe_playground.train.lm import CHANGES_FILE, RESUME_SAFE, LogConfig, check_optimizer, loop_state, restore_loop_state, trainer_cli, NonFiniteLoss, build_optimizer, config_changes, lr_at
+from moe_playground.train.lm import (LogConfig, NonFiniteLoss, build_optimizer, check_optimizer, loop_state, lr_at, record_changes,
+                                    restore_loop_state, resume_changes, trainer_cli)
 
 VAL_SEED = 1_000_003  # validation clips and contexts are the same for every run
 STRIP_SEEDS = [10_000, 10_001]  # the videos of rollouts.png
@@ -119,23 +120,6 @@ def write_rollout_strips(model: FramePack, cfg: FramePackRunConfig, path: Path, 
     save_strip(path, rows, f"{cfg.run_name}: rollouts of {length} frames ({cfg.train.prompt} given)")
 
 
-def check_resume(cfg: FramePackRunConfig, allow_changes: bool = False) -> dict:
-    """The changes `cfg` makes to the run's saved config (beyond train.lm.RESUME_FREE); RunDirError, naming the
-    keys, for one not allowed (with `allow_changes`, those in train.lm.RESUME_SAFE are)."""
-    try:
-        saved = load_config(FramePackRunConfig, cfg.run_dir / "config.yaml")
-    except ConfigError as e:
-        raise RunDirError(f"cannot resume {cfg.run_dir}: its config does not load ({e})") from None
-    changes = config_changes(saved, cfg)  # all but RESUME_FREE: out_dir, train.stop_at, train.threads, log.progress
-    refused = {k: v for k, v in changes.items() if not (allow_changes and k in RESUME_SAFE)}
-    if refused:
-        raise RunDirError(f"cannot resume {cfg.run_dir} with a different config: "
-                          + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in refused.items())
-                          + "; resume with the run's own settings, start again with --overwrite, or choose another run_name"
-                          + f" (with --allow-changes a resume may change {', '.join(RESUME_SAFE)})")
-    return changes
-
-
 def train(cfg: FramePackRunConfig, *, resume: bool = False, overwrite: bool = False, allow_changes: bool = False) -> dict[str, Any]:
     """Train per `cfg`; returns the summary. The run directory is locked for the whole run."""
     torch.set_num_threads(cfg.train.threads)
@@ -143,15 +127,13 @@ def train(cfg: FramePackRunConfig, *, resume: bool = False, overwrite: bool = Fa
     check_run_dir(run_dir, resume=resume, overwrite=overwrite)
     resumed, changes = None, {}
     if resume:
-        changes = check_resume(cfg, allow_changes)
+        changes = resume_changes(cfg, allow_changes)
         resumed = load_newest_good_checkpoint(run_dir, TRAIN_STATE)
     with run_dir_lock(run_dir):
         prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
         if changes:
-            step = int(resumed[2]["step"])
-            with (run_dir / CHANGES_FILE).open("a") as f:
-                f.write(json.dumps({"step": step, "changes": {k: list(v) for k, v in changes.items()}}) + "\n")
+            record_changes(run_dir, int(resumed[2]["step"]), changes)
         return _run(cfg, resumed)
 
 
