@@ -18,7 +18,10 @@ headline  forward+backward at --tokens tokens on two configs (fine: 64 x 128, to
           with each one's peak memory: the high-water mark of tensor storage created during one
           forward+backward (tracked op by op with a dispatch mode), above what was live before.
 latency   sampling-sized batches (T in 1, 8, 64), forward only, eval mode, no grad: moe and
-          moe_auto against the dense floor on both configs.
+          moe_auto against the dense floor on both configs. T tokens reach up to T*k distinct
+          experts, so the MoE must read more weight bytes than the dense floor: column `bytes` is
+          that ratio (router, shared experts and every expert chosen at least once / the dense
+          floor's weights), a floor on the time ratio wherever reading weights dominates.
 grid      efficiency = time of one matmul chain of the same FLOPs (all T*(k + shared) rows through
           one expert-sized SwiGLU, forward+backward) / this layer's time, over E in 8, 32, 64,
           128, k in 1, 2, 6, 8, without and with 2 shared experts, T in --grid-tokens; experts of
@@ -180,10 +183,19 @@ def headline(args, summary: dict) -> None:
         print(line)
 
 
+def weight_bytes_ratio(moe: MoE, dense: nn.Module, x: torch.Tensor) -> float:
+    """Weight bytes the MoE reads on x (every expert chosen at least once, router, shared) / the dense floor's."""
+    with torch.no_grad():
+        touched = int((moe(x)[1].tokens_per_expert > 0).sum())
+    per_expert = moe.experts.w_gate_up[0].numel() + moe.experts.w_down[0].numel()
+    rest = sum(p.numel() for n, p in moe.named_parameters() if not n.startswith("experts."))
+    return (touched * per_expert + rest) / sum(p.numel() for p in dense.parameters())
+
+
 def latency(args, summary: dict) -> None:
     print(f"\n## latency: forward only, eval, no grad (sampling); median of {args.repeats} rounds")
     print(f"{'config':8s} {'T':>4s} {'moe us':>9s} {'auto us':>9s} {'dense us':>9s} {'moe/dense':>10s} "
-          f"{'auto/dense':>11s}")
+          f"{'auto/dense':>11s} {'bytes':>6s}")
     for cname in args.configs:
         cfg = MoEConfig(**CONFIGS[cname])
         torch.manual_seed(0)
@@ -196,9 +208,11 @@ def latency(args, summary: dict) -> None:
                 inner = max(1, int(0.02 / max(time.perf_counter() - t0, 1e-6)))  # ~20 ms per timing
                 med = median_ms(interleaved({n: (lambda m=m: m(x)) for n, m in models.items()}, args.repeats, inner))
             r, ra = med["moe"] / med["dense_floor"], med["moe_auto"] / med["dense_floor"]
+            floor = weight_bytes_ratio(models["moe"], models["dense_floor"], x)
             print(f"{cname:8s} {T:4d} {med['moe'] * 1e3:9.1f} {med['moe_auto'] * 1e3:9.1f} "
-                  f"{med['dense_floor'] * 1e3:9.1f} {r:10.2f} {ra:11.2f}")
+                  f"{med['dense_floor'] * 1e3:9.1f} {r:10.2f} {ra:11.2f} {floor:6.2f}")
             summary.setdefault(f"latency_{cname}", {})[f"T{T}"] = round(r, 3)
+            summary[f"latency_{cname}"][f"T{T}_weight_bytes"] = round(floor, 2)
 
 
 def grid_cell(E: int, k: int, shared: int, T: int, uniform: bool, repeats: int) -> tuple[float, float]:
