@@ -130,9 +130,11 @@ def test_resume_continues_exactly_and_refuses_a_changed_config(tmp_path):
 @pytest.mark.slow
 def test_results_page_end_to_end(tmp_path):
     out = tmp_path / "page" / "framepack.md"
-    rc = load_config(report.ResultsConfig, "configs/framepack/results_smoke.yaml", [f"out_dir={tmp_path}"])
+    rc = load_config(report.ResultsConfig, "configs/framepack/results_smoke.yaml",
+                     [f"out_dir={tmp_path}", "notes=the blur starts at frame 4"])
     text = report.run(rc, report.Path("configs/framepack/results_smoke.yaml"), out, "cmd")
     assert out.read_text() == text
+    assert "## What the run shows\n\nthe blur starts at frame 4\n" in text
     for arm in ("packed, causal", "packed, bidirectional", "packed, inverted", "reference (no packing, causal)"):
         assert f"| {arm} |" in text
     assert "## Which FramePack claims hold at this scale" in text

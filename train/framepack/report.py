@@ -61,6 +61,7 @@ class ResultsConfig:
     timing_lengths: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
     strip_videos: int = 3                   # videos shown in each rollout strip
     jobs: int = 1                           # trainings at once (each its own process, one torch thread)
+    notes: str = ""                         # what the run showed, in words, printed after the verdicts
 
     def __post_init__(self) -> None:
         check_run_name(self.run_name)
@@ -296,7 +297,7 @@ def write_page(rc: ResultsConfig, cfgs: dict, per_seed: dict[int, dict], train_i
         "a frame (far from every known frame) it predicts a blur; FramePack's claims are about a generative model whose "
         "samples stay sharp. The few-step flow-matching head (`model.head=flow`) is the toy version of that; it is "
         "implemented and tested, and measured here only if the configs above select it.",
-        "- Training times are wall-clock; the runs shared a loaded 2-core machine, side by side (`jobs`)."
+        f"- Training times are wall-clock, {rc.jobs} run(s) side by side at one torch thread each (`jobs`)."
         + ("".join(f" {c}." for a in ARMS for c in train_info[a]["changes"])
            + " (A resumed run's learning-rate schedule follows its new length from then on.)"
            if any(train_info[a]["changes"] for a in ARMS) else ""),
@@ -328,6 +329,8 @@ def write_page(rc: ResultsConfig, cfgs: dict, per_seed: dict[int, dict], train_i
         lines.append(f"| {L} | " + " | ".join(cells) + " |")
     lines += ["", f"![context and time]({out.stem}/context_and_time.png)", ""]
     lines += claims(rc, per_seed, S, (pc.train.steps, rcf.train.steps))
+    if rc.notes.strip():
+        lines += ["", "## What the run shows", "", rc.notes.strip()]
     lines += ["", "## Figures", "",
               f"![per-frame measures, {longest} frames]({out.stem}/curves_len{longest}.png)", "",
               f"![per-frame measures, {rc.short_length} frames]({out.stem}/curves_len{rc.short_length}.png)", "",
