@@ -474,6 +474,23 @@ class RoutedExperts(nn.Module):
     # inference runs looped_mm below this many rows per expert (most experts then have none: grouped_mm
     # would still visit them all); measured crossover on CPU, benchmarks/moe_layer.py latency section
     loop_below_rows_per_expert = 1.0
+    # inference on at most this many tokens skips the dispatch plan: few_tokens (sampling's batches)
+    few_tokens_max = 1
+
+    def few_tokens(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Tensor) -> torch.Tensor:
+        """forward's result, without grad, for a handful of tokens straight from the router's choices:
+        each token runs its K experts on views of the weights, with no plan, row maps or combine.
+        At one token the plan's sort, maps and gathers cost more than the experts' matmuls."""
+        E = self.w_down.shape[0]
+        w_gate_up, w_down = self.w_gate_up.to(x_TD.dtype), self.w_down.to(x_TD.dtype)
+        y_TD = torch.zeros_like(x_TD)
+        for t, (experts, weights) in enumerate(zip(idx_TK.tolist(), weight_TK.tolist())):
+            x_1D, y_1D = x_TD[t:t + 1], y_TD[t:t + 1]
+            for e, w in zip(experts, weights):
+                if e < E:  # pool indices from E on are zero-computation experts, run elsewhere
+                    gate_1H, up_1H = (x_1D @ w_gate_up[e]).chunk(2, dim=-1)
+                    y_1D.add_((F.silu(gate_1H) * up_1H) @ w_down[e], alpha=w)  # the weight as a scalar: no extra op
+        return y_TD
 
     @staticmethod
     def activation(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -821,29 +838,10 @@ class MoE(nn.Module):
         xe_TD = x_TD.to(dtype)
 
         routing = self.router(x_TD)
-        if cfg.routing == "token_choice":
-            plan = token_choice_dispatch(routing, cfg.capacity(T, self.training), cfg.drop_policy, n_seq,
-                                         cfg.n_experts)
-        else:
-            capacity = math.ceil((cfg.capacity_factor or 1.0) * T * cfg.experts_per_token / cfg.n_pool)
-            plan = expert_choice_dispatch(routing, capacity, cfg.route_scale)
-
-        # gather -> experts -> weighted sum back to the tokens
-        if plan.slot_A is not None:  # token choice
-            counts_E, row_A = plan.counts_E, torch.arange(plan.slot_A.numel(), device=x_TD.device)
-            padded = self.experts.wants_padding(counts_E, dtype)
-            if padded:  # every expert's group padded with zero rows to the largest, M
-                E, M = counts_E.numel(), int(counts_E.max())
-                expert_A = torch.repeat_interleave(torch.arange(E, device=x_TD.device), counts_E)
-                row_A = expert_A * M + row_A - (counts_E.cumsum(0) - counts_E)[expert_A]
-                counts_E = torch.full_like(counts_E, M)
-            n_rows = int(counts_E.sum())
-            slots = SlotMap(plan.slot_A, row_A, T, cfg.experts_per_token, n_rows)
-            weight_N = plan.weight_A.new_zeros(n_rows).index_copy(0, row_A, plan.weight_A) if padded else plan.weight_A
-        else:  # expert choice: a token can reach any number of experts; every group has the same size
-            counts_E, slots, weight_N = plan.counts_E, TokenRows(plan.token_A, T), plan.weight_A
-            padded = self.experts.wants_padding(counts_E, dtype)
-        y_TD = slots.combine(self.experts(xe_TD, slots, counts_E, weight_N, padded))
+        few = cfg.routing == "token_choice" and T <= self.experts.few_tokens_max \
+            and cfg.capacity(T, self.training) is None and not needs_grad(xe_TD, self.experts.w_gate_up) \
+            and not torch.compiler.is_compiling()  # its per-token loop would break the graph
+        y_TD, plan = self.few_tokens(xe_TD, routing) if few else self.planned(xe_TD, routing, n_seq)
         if self.null_experts is not None:
             y_TD = y_TD + self.null_experts(xe_TD, routing.idx_TK, routing.weights_TK)
 
@@ -853,6 +851,41 @@ class MoE(nn.Module):
                 shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
             y_TD = y_TD + shared_TD
         return y_TD.view(x.shape), self.aux(routing, plan, n_seq)
+
+    def planned(self, xe_TD: torch.Tensor, routing: Routing, n_seq: int) -> tuple[torch.Tensor, Dispatch]:
+        """The routed experts' output through a dispatch plan: assignments sorted by expert, gathered
+        into rows, run per expert group, weighted and summed back to their tokens."""
+        cfg, T = self.cfg, xe_TD.shape[0]
+        if cfg.routing == "token_choice":
+            plan = token_choice_dispatch(routing, cfg.capacity(T, self.training), cfg.drop_policy, n_seq,
+                                         cfg.n_experts)
+        else:
+            capacity = math.ceil((cfg.capacity_factor or 1.0) * T * cfg.experts_per_token / cfg.n_pool)
+            plan = expert_choice_dispatch(routing, capacity, cfg.route_scale)
+
+        # gather -> experts -> weighted sum back to the tokens
+        if plan.slot_A is not None:  # token choice
+            counts_E, row_A = plan.counts_E, torch.arange(plan.slot_A.numel(), device=xe_TD.device)
+            padded = self.experts.wants_padding(counts_E, xe_TD.dtype)
+            if padded:  # every expert's group padded with zero rows to the largest, M
+                E, M = counts_E.numel(), int(counts_E.max())
+                expert_A = torch.repeat_interleave(torch.arange(E, device=xe_TD.device), counts_E)
+                row_A = expert_A * M + row_A - (counts_E.cumsum(0) - counts_E)[expert_A]
+                counts_E = torch.full_like(counts_E, M)
+            n_rows = int(counts_E.sum())
+            slots = SlotMap(plan.slot_A, row_A, T, cfg.experts_per_token, n_rows)
+            weight_N = plan.weight_A.new_zeros(n_rows).index_copy(0, row_A, plan.weight_A) if padded else plan.weight_A
+        else:  # expert choice: a token can reach any number of experts; every group has the same size
+            counts_E, slots, weight_N = plan.counts_E, TokenRows(plan.token_A, T), plan.weight_A
+            padded = self.experts.wants_padding(counts_E, xe_TD.dtype)
+        return slots.combine(self.experts(xe_TD, slots, counts_E, weight_N, padded)), plan
+
+    def few_tokens(self, xe_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, Dispatch]:
+        """Inference on a handful of tokens (sampling): RoutedExperts.few_tokens, and a plan with only the counts."""
+        routed_E = torch.bincount(routing.idx_TK.flatten(), minlength=self.cfg.n_pool)
+        plan = Dispatch(routing.idx_TK.new_zeros(0), routing.weights_TK.new_zeros(0), routed_E[:self.cfg.n_experts],
+                        routed_E, routing.logits_TE.new_zeros(()))
+        return self.experts.few_tokens(xe_TD, routing.idx_TK, routing.weights_TK), plan
 
     def aux(self, routing: Routing, plan: Dispatch, n_seq: int) -> MoEAux:
         cfg = self.cfg

@@ -30,7 +30,7 @@ from hypothesis import given, settings, strategies as st
 from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.moe import MoE, MoEConfig, token_choice_dispatch
+from models.moe import MoE, MoEConfig, RoutedExperts, token_choice_dispatch
 from models.transformer import SwiGLU
 
 REPO = Path(__file__).resolve().parents[1]
@@ -444,6 +444,31 @@ def test_inference_path_matches_training_path(routing, dispatch):
         with torch.no_grad():
             y = moe(x)[0]
         torch.testing.assert_close(y, moe(x)[0], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_few_tokens_path_matches_planned_path(score_func, monkeypatch):
+    """Sampling-sized batches without grad skip the dispatch plan (RoutedExperts.few_tokens): same
+    outputs and expert counts as the planned path, with shared and zero-computation experts."""
+    cfg = MoEConfig(d_model=16, n_routed_experts=8, expert_hidden=16, top_k=3, n_shared_experts=1, n_zero_experts=1,
+                    n_copy_experts=1, score_func=score_func, init_std=0.5)
+    torch.manual_seed(0)
+    moe = MoE(cfg).eval()
+    monkeypatch.setattr(RoutedExperts, "few_tokens_max", 4)
+    calls = []
+    monkeypatch.setattr(moe, "planned", lambda *a: calls.append(1) or MoE.planned(moe, *a))
+    for shape in ((1, 16), (1, 1, 16), (4, 16), (5, 16)):
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            calls.clear()
+            y_few, aux_few = moe(x)
+            assert len(calls) == (shape[0] > 4)  # the plan runs only above few_tokens_max tokens
+            monkeypatch.setattr(RoutedExperts, "few_tokens_max", 0)
+            y_planned, aux_planned = moe(x)
+            monkeypatch.setattr(RoutedExperts, "few_tokens_max", 4)
+        torch.testing.assert_close(y_few, y_planned, atol=1e-6, rtol=1e-6)
+        assert torch.equal(aux_few.tokens_per_expert, aux_planned.tokens_per_expert)
+        torch.testing.assert_close(y_few, moe(x)[0], atol=1e-6, rtol=1e-6)  # and the training (autograd) path
 
 
 def test_auto_dispatch_pads_only_when_cheap():
