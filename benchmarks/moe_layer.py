@@ -17,8 +17,9 @@ headline  forward+backward at --tokens tokens on two configs (fine: 64 x 128, to
                           token-expert pair, so it is skipped, and said so, above --max-gib
           with each one's peak memory: the high-water mark of tensor storage created during one
           forward+backward (tracked op by op with a dispatch mode), above what was live before.
-latency   sampling-sized batches (T in 1, 8, 64), forward only, eval mode, no grad: moe and
-          moe_auto against the dense floor on both configs. T tokens reach up to T*k distinct
+latency   sampling-sized batches (T in 1, 4, 8, 64), forward only, eval mode, no grad: moe and
+          moe_auto against the dense floor on both configs; `plan` is moe with the few-token path
+          off (RoutedExperts.few_tokens_max = 0: every batch through the dispatch plan). T tokens reach up to T*k distinct
           experts, so the MoE must read more weight bytes than the dense floor: column `bytes` is
           that ratio (router, shared experts and every expert chosen at least once / the dense
           floor's weights), a floor on the time ratio wherever reading weights dominates.
@@ -63,14 +64,14 @@ CONFIGS = {
 }
 HF_IMPLS = ("eager", "grouped_mm", "batched_mm")
 SECTIONS = ("headline", "latency", "grid")
-LATENCY_TOKENS = (1, 8, 64)
+LATENCY_TOKENS = (1, 4, 8, 64)
 GRID = dict(E=(8, 32, 64, 128), k=(1, 2, 6, 8), shared=(0, 2), d_model=256, hidden=128)
 TARGET_ROWS_PER_EXPERT, TARGET_EFFICIENCY = 64, 0.9
 
 
 def build(name: str, cfg: MoEConfig) -> nn.Module:
     if name.startswith("moe"):
-        dispatch = {"moe": "grouped_mm", "moe_auto": "auto"}[name]
+        dispatch = {"moe": "grouped_mm", "moe_plan": "grouped_mm", "moe_auto": "auto"}[name]
         return MoE(MoEConfig(**{**cfg.__dict__, "dispatch": dispatch}))
     if name.startswith("dense"):
         return SwiGLU(cfg.d_model, cfg.experts_per_token * cfg.hidden_per_expert + cfg.shared_hidden)
@@ -194,12 +195,14 @@ def weight_bytes_ratio(moe: MoE, dense: nn.Module, x: torch.Tensor) -> float:
 
 def latency(args, summary: dict) -> None:
     print(f"\n## latency: forward only, eval, no grad (sampling); median of {args.repeats} rounds")
-    print(f"{'config':8s} {'T':>4s} {'moe us':>9s} {'auto us':>9s} {'dense us':>9s} {'moe/dense':>10s} "
-          f"{'auto/dense':>11s} {'bytes':>6s}")
+    print(f"{'config':8s} {'T':>4s} {'moe us':>9s} {'auto us':>9s} {'plan us':>9s} {'dense us':>9s} {'moe/dense':>10s} "
+          f"{'auto/dense':>11s} {'plan/dense':>11s} {'bytes':>6s}")
     for cname in args.configs:
         cfg = MoEConfig(**CONFIGS[cname])
         torch.manual_seed(0)
-        models = {n: build(n, cfg).eval() for n in ("moe", "moe_auto", "dense_floor")}
+        models = {n: build(n, cfg).eval() for n in ("moe", "moe_auto", "moe_plan", "dense_floor")}
+        models["moe_plan"].load_state_dict(models["moe"].state_dict())
+        models["moe_plan"].experts.few_tokens_max = 0
         for T in LATENCY_TOKENS:
             x = torch.randn(T, cfg.d_model)
             with torch.no_grad():
@@ -207,11 +210,12 @@ def latency(args, summary: dict) -> None:
                 models["moe"](x)
                 inner = max(1, int(0.02 / max(time.perf_counter() - t0, 1e-6)))  # ~20 ms per timing
                 med = median_ms(interleaved({n: (lambda m=m: m(x)) for n, m in models.items()}, args.repeats, inner))
-            r, ra = med["moe"] / med["dense_floor"], med["moe_auto"] / med["dense_floor"]
+            r, ra, rp = (med[n] / med["dense_floor"] for n in ("moe", "moe_auto", "moe_plan"))
             floor = weight_bytes_ratio(models["moe"], models["dense_floor"], x)
-            print(f"{cname:8s} {T:4d} {med['moe'] * 1e3:9.1f} {med['moe_auto'] * 1e3:9.1f} "
-                  f"{med['dense_floor'] * 1e3:9.1f} {r:10.2f} {ra:11.2f} {floor:6.2f}")
+            print(f"{cname:8s} {T:4d} {med['moe'] * 1e3:9.1f} {med['moe_auto'] * 1e3:9.1f} {med['moe_plan'] * 1e3:9.1f} "
+                  f"{med['dense_floor'] * 1e3:9.1f} {r:10.2f} {ra:11.2f} {rp:11.2f} {floor:6.2f}")
             summary.setdefault(f"latency_{cname}", {})[f"T{T}"] = round(r, 3)
+            summary[f"latency_{cname}"][f"T{T}_plan"] = round(rp, 3)
             summary[f"latency_{cname}"][f"T{T}_weight_bytes"] = round(floor, 2)
 
 
