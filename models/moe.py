@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Optional
 
 import torch
@@ -762,8 +763,6 @@ class MoEAux:
     z_loss: torch.Tensor
     tokens_per_expert: torch.Tensor  # (E,) assignments the router chose per expert, before capacity drops
     drop_fraction: torch.Tensor
-    max_vio: torch.Tensor  # (max load - mean load) / mean load
-    router_entropy: torch.Tensor  # mean over tokens of the entropy of probs_TE, in nats
     # forward FLOPs of the routed FFN experts per token, as computed: 2 * 3*D*H per kept
     # assignment (zero-computation experts and dropped assignments cost none; shared experts
     # and the router are not routed)
@@ -771,6 +770,21 @@ class MoEAux:
     # balance_scope="global": the expert-level loss with this micro-batch's own counts, to log
     # beside balance_loss (whose counts are pooled); None otherwise
     micro_balance_loss: Optional[torch.Tensor] = None
+    # the router's per-token distributions, for router_entropy
+    probs_TE: Optional[torch.Tensor] = field(default=None, repr=False)
+
+    # max_vio and router_entropy are computed when first read: sampling never reads them, and at
+    # one token their ops cost ~10% of the layer's forward
+    @cached_property
+    def max_vio(self) -> torch.Tensor:
+        """(max load - mean load) / mean load."""
+        load_E = self.tokens_per_expert.float()
+        return (load_E.max() - load_E.mean()) / load_E.mean()
+
+    @cached_property
+    def router_entropy(self) -> torch.Tensor:
+        """Mean over tokens of the entropy of probs_TE, in nats."""
+        return torch.special.entr(self.probs_TE.detach()).sum(dim=-1).mean()
 
     @property
     def losses(self) -> dict[str, torch.Tensor]:
@@ -903,11 +917,6 @@ class MoE(nn.Module):
             # once per forward: activation checkpointing's recomputed forward must not count twice
             self.load_E = self.load_E.to(counts_E.device) + (self.all_reduce(counts_E.float()) if pooled else counts_E)
         balance_counts_E = self.load_E if pooled else counts_E
-        with torch.no_grad():
-            load_E = counts_E.float()
-            max_vio = (load_E.max() - load_E.mean()) / load_E.mean()
-            entropy = torch.special.entr(routing.probs_TE).sum(dim=-1).mean()
-
         def coef(c: float, loss_fn) -> torch.Tensor:
             return c * loss_fn() if c > 0 else zero
 
@@ -921,11 +930,10 @@ class MoE(nn.Module):
             z_loss=coef(cfg.z_loss_coef, lambda: z_loss(routing.logits_TE)),
             tokens_per_expert=counts_E.detach(),
             drop_fraction=plan.drop_fraction,
-            max_vio=max_vio,
-            router_entropy=entropy,
             routed_flops_per_token=plan.counts_E.sum().detach() * (6 * cfg.d_model * cfg.hidden_per_expert / T),
             micro_balance_loss=coef(cfg.balance_alpha, lambda: balance_loss(counts_E, probs_TE.detach()))
             if pooled else None,
+            probs_TE=routing.probs_TE,
         )
 
     @staticmethod
