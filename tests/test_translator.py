@@ -22,6 +22,7 @@ from models.translator import (
     DESIGNS,
     TranslatorConfig,
     TranslatorMismatchError,
+    answer_logits,
     build_translator,
     check_translator_fits,
     document_states,
@@ -288,6 +289,24 @@ def test_gradients_reach_every_translator_parameter(design, base, targets):
     for name, p in translator.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     assert all(p.grad is None for p in base.parameters())
+
+
+def test_answer_logits_equal_the_full_forward_at_answer_positions(base, targets):
+    """The loss runs the LM head on answer positions only: the same logits as the whole forward,
+    with per-sample LoRAs active; a model that rescales its logits after the head takes the full forward."""
+    batch = qa_batch()
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    answer_NS = batch["labels"][:, 1:] != -100
+    with torch.no_grad(), factored_lora(base, random_loras(targets, seed=3, n=2), SCALING):
+        full_AV = base(**inputs).logits[:, :-1][answer_NS]
+        torch.testing.assert_close(answer_logits(base, inputs, answer_NS), full_AV, atol=1e-5, rtol=1e-5)
+    capped = copy.deepcopy(base)
+    capped.config.final_logit_softcapping = 1.0  # a model whose logits change after the head
+    calls = []
+    capped.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        answer_logits(capped, inputs, answer_NS)
+    assert calls == [1]  # it ran the whole model, not the decoder and head alone
 
 
 def test_translator_loss_parts(base, targets):
