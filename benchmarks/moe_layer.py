@@ -19,8 +19,9 @@ headline  forward+backward at --tokens tokens on two configs (fine: 64 x 128, to
           forward+backward (tracked op by op with a dispatch mode), above what was live before.
 latency   sampling-sized batches (T in 1, 4, 8, 64), forward only, eval mode, no grad: moe and
           moe_auto against the dense floor on both configs; `plan` is moe with the few-token path
-          off (RoutedExperts.few_tokens_max = 0: every batch through the dispatch plan). T tokens reach up to T*k distinct
-          experts, so the MoE must read more weight bytes than the dense floor: column `bytes` is
+          off (RoutedExperts.few_tokens_max = 0: every batch through the dispatch plan). T tokens
+          reach up to T*k distinct experts, so the MoE must read more weight bytes than the dense
+          floor: column `bytes` is
           that ratio (router, shared experts and every expert chosen at least once / the dense
           floor's weights), a floor on the time ratio wherever reading weights dominates.
 grid      efficiency = time of one matmul chain of the same FLOPs (all T*(k + shared) rows through
