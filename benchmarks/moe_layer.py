@@ -21,9 +21,9 @@ latency   sampling-sized batches (T in 1, 4, 8, 64), forward only, eval mode, no
           moe_auto against the dense floor on both configs; `plan` is moe with the few-token path
           off (RoutedExperts.few_tokens_max = 0: every batch through the dispatch plan). T tokens
           reach up to T*k distinct experts, so the MoE must read more weight bytes than the dense
-          floor: column `bytes` is
-          that ratio (router, shared experts and every expert chosen at least once / the dense
-          floor's weights), a floor on the time ratio wherever reading weights dominates.
+          floor: column `bytes` is that ratio (router, shared experts and every expert chosen at
+          least once / the dense floor's weights), a floor on the time ratio wherever reading
+          weights dominates.
 grid      efficiency = time of one matmul chain of the same FLOPs (all T*(k + shared) rows through
           one expert-sized SwiGLU, forward+backward) / this layer's time, over E in 8, 32, 64,
           128, k in 1, 2, 6, 8, without and with 2 shared experts, T in --grid-tokens; experts of
