@@ -83,7 +83,8 @@ def test_tables_have_all_rows(smoke):
         for design in DESIGNS:
             section = text.split(f"## Quality on {split} documents, translator `{design}`")[1].split("## ")[0]
             rows = ["Vanilla", "Standard RAG", "PRAG", "PRAG-Combine", "DyPRAG", "DyPRAG-Combine", "Shuffled doc (control)", "Mean LoRA (control)"]
-            rows += ["DyPRAG, training docs (seen)", "PRAG, training docs (seen)"] if split == "test" else []
+            rows += ["DyPRAG, training docs (seen)", "PRAG, training docs (seen)", "Standard RAG (augmentation questions)",
+                     "DyPRAG (augmentation questions)"] if split == "test" else []
             for row in rows:
                 assert f"| {row} |" in section, (split, design, row)
             assert "| method (EM) | city | year | occupation | employer | pet |" in section
@@ -98,6 +99,13 @@ def test_tables_have_all_rows(smoke):
     # 4 test docs x 5 facts; RAG prompts carry the passage, DyPRAG prompts do not
     assert res["splits"]["test"]["rows"]["Vanilla"]["n"] == 20 and res["splits"]["ood_all"]["rows"]["Vanilla"]["n"] == 15
     assert res["prompt_tokens"]["rag"] > res["prompt_tokens"]["dyprag"] + 20
+    # the augmentation-question rows ask the held-out documents' training-wording questions, not the evaluation ones
+    docs = load_docs_jsonl(smoke["run"] / "data" / "test.jsonl")
+    for rows in (res["splits"]["test"]["rows"], res["designs"]["cross_attention"]["rows"]["test"]):
+        name = next(n for n in rows if n.endswith("(augmentation questions)"))
+        asked = {x["question"] for x in rows[name]["examples"]}
+        assert asked <= {q.question for d in docs for q in d.qa} and not asked & {q.question for d in docs for q in d.eval_qa}
+    assert "Asked in the training wordings instead" in text
 
 
 def test_seeds_differ_and_the_tokenizer_never_saw_held_out_text(smoke):
@@ -224,6 +232,36 @@ def test_synthetic_splits_have_disjoint_fictional_entities():
             new_wordings = not set().union(*(shapes(q.question, d, n) for q in d.eval_qa)) & train_questions
             new_style = not shapes(d.passage, d, n) & train_sentences
             assert (new_values, new_wordings, new_style) == (axis in ("values", "all"), axis in ("wordings", "all"), axis in ("style", "all")), axis
+
+
+def test_more_augmentation_wordings_change_only_the_augmentation_questions():
+    from itertools import islice
+
+    from train.config import ConfigError, load_config
+    from train.dyprag.config import DyPragConfig
+    from train.dyprag.data import _FACTS, AUGMENT_WORDINGS, EVAL_WORDINGS, OOD_WORDINGS
+
+    one, three = make_knowledge_set(10, 4, 5, seed=1), make_knowledge_set(10, 4, 5, seed=1, augment_wordings=3)
+    pairs = list(zip(one.test + one.ood["values"], three.test + three.ood["values"]))
+    pairs += list(zip(islice(one.training_docs(), 50), islice(three.training_docs(), 50)))
+    used: dict[int, set[int]] = {1: set(), 3: set()}
+    for a, b in pairs:  # the same entities, passages and evaluation questions; the same facts asked
+        assert (a.passage, a.rewrite, a.eval_qa) == (b.passage, b.rewrite, b.eval_qa)
+        assert [(q.kind, q.answer) for q in a.qa] == [(q.kind, q.answer) for q in b.qa]
+        for n, d in ((1, a), (3, b)):
+            for q in d.qa:
+                wording = [w for w, t in enumerate(_FACTS[q.kind][1]) if _matches(t, q.question)]
+                assert len(wording) == 1, q.question
+                used[n].add(wording[0])
+    assert used[1] == {AUGMENT_WORDINGS[0]}
+    assert used[3] == set(AUGMENT_WORDINGS) and not used[3] & set(EVAL_WORDINGS + OOD_WORDINGS)
+    with pytest.raises(ConfigError, match="augment_wordings"):
+        load_config(DyPragConfig, None, ["data.augment_wordings=4"])
+
+
+def _matches(template: str, question: str) -> bool:
+    pre, post = template.split("{n}")
+    return question.startswith(pre) and question.endswith(post) and len(question) > len(pre) + len(post)
 
 
 def test_shuffled_control_always_uses_another_document():

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from moe_playground.models.translator import DESIGNS, TranslatorConfig
 from moe_playground.train.config import check
-from moe_playground.train.dyprag.data import OOD_AXES
+from moe_playground.train.dyprag.data import AUGMENT_WORDINGS, OOD_AXES
 
 SOURCES = ("synthetic", "jsonl", "prag")
 
@@ -33,6 +33,9 @@ class DataConfig:
     n_ood_docs: int = 40  # synthetic: held-out documents per out-of-distribution split
     ood_axes: list[str] = field(default_factory=lambda: list(OOD_AXES))  # the OOD splits: what is new in each (data.ood_doc)
     n_known: int = 100  # synthetic: entities the base model learns closed-book in pretraining
+    # synthetic: each augmentation question (PRAG's and the translator's training QA) takes one of
+    # the first N augmentation wordings at random (data.AUGMENT_WORDINGS); 1 = always wording 0
+    augment_wordings: int = 1
 
     def __post_init__(self):
         check(self.source in SOURCES, f"data.source={self.source!r} must be one of {SOURCES}")
@@ -44,6 +47,7 @@ class DataConfig:
         for a in self.ood_axes:
             check(a in OOD_AXES, f"data.ood_axes: {a!r} is not an axis; allowed: {OOD_AXES}")
         check(self.n_known >= 1, f"data.n_known={self.n_known} must be >= 1")
+        check(1 <= self.augment_wordings <= len(AUGMENT_WORDINGS), f"data.augment_wordings={self.augment_wordings} must be in 1..{len(AUGMENT_WORDINGS)}")
 
 
 @dataclass

@@ -219,41 +219,48 @@ def _entity(rng: random.Random, pool: ValuePool = IN_DISTRIBUTION) -> Entity:
     )
 
 
-# Per fact: document sentences in three styles and five question wordings.
+# Per fact: document sentences in three styles and seven question wordings.
 # Styles 0 and 1 (passage, rewrite) and wordings 0-2 are the training distribution:
 # wording 0 is the augmentation QA (PRAG, translator training), 1 and 2 are held-out
 # evaluation wordings that pretraining also uses. Style 2 and wordings 3-4 appear
-# nowhere in training: they make the out-of-distribution split.
+# nowhere in training: they make the out-of-distribution split. Wordings 5-6 are
+# more augmentation wordings, as an LLM augmenter would vary its questions
+# (data.augment_wordings; pretraining never uses them, evaluation never asks them).
 _FACTS = {
     "city": (
         ["{n} was born in the town of {v}.", "The town of {v} is where {n} was born.", "{n} first saw daylight in {v}."],
         ["Where was {n} born?", "In which town was {n} born?", "What is the birthplace of {n}?",
-         "Which town does {n} come from originally?", "Name the town where {n} was born."],
+         "Which town does {n} come from originally?", "Name the town where {n} was born.",
+         "{n} was born where?", "Tell me the town of {n}'s birth."],
     ),
     "year": (
         ["{n} was born in the year {v}.", "The year of {n}'s birth was {v}.", "{n} came into the world in {v}."],
         ["In what year was {n} born?", "When was {n} born?", "What was the birth year of {n}?",
-         "Which year saw the birth of {n}?", "{n} was born in which year?"],
+         "Which year saw the birth of {n}?", "{n} was born in which year?",
+         "What year was {n} born in?", "Tell me the year {n} was born."],
     ),
     "occupation": (
         ["{n} works as a {v}.", "By trade, {n} is a {v}.", "{n} earns a living as a {v}."],
         ["What is the occupation of {n}?", "What does {n} do for a living?", "What is {n}'s job?",
-         "What trade does {n} practise?", "{n} works in which profession?"],
+         "What trade does {n} practise?", "{n} works in which profession?",
+         "What kind of work does {n} do?", "Tell me {n}'s occupation."],
     ),
     "employer": (
         ["{n} is employed by {v}.", "The employer of {n} is {v}.", "{n} draws a salary from {v}."],
         ["Who employs {n}?", "Which company does {n} work for?", "Who is {n}'s employer?",
-         "For which organisation does {n} work?", "{n} is on the payroll of which firm?"],
+         "For which organisation does {n} work?", "{n} is on the payroll of which firm?",
+         "What organisation employs {n}?", "Tell me who employs {n}."],
     ),
     "pet": (
         ["{n} keeps a cat named {v}.", "A cat called {v} lives with {n}.", "{n} owns a cat; its name is {v}."],
         ["What is the name of {n}'s cat?", "What is {n}'s cat called?", "Which cat lives with {n}?",
-         "What name did {n} give the cat?", "{n}'s cat goes by what name?"],
+         "What name did {n} give the cat?", "{n}'s cat goes by what name?",
+         "Tell me the name of {n}'s cat.", "What cat does {n} keep?"],
     ),
 }
 FACT_KINDS = tuple(_FACTS)
 TRAIN_STYLES, OOD_STYLE = (0, 1), 2
-AUGMENT_WORDING, EVAL_WORDINGS, OOD_WORDINGS = 0, (1, 2), (3, 4)
+AUGMENT_WORDINGS, EVAL_WORDINGS, OOD_WORDINGS = (0, 5, 6), (1, 2), (3, 4)
 
 
 def _text(e: Entity, style: int, rng: random.Random, n_facts: int = len(_FACTS)) -> str:
@@ -265,17 +272,25 @@ def _qa(e: Entity, k: str, wording: int) -> QA:
     return QA(_FACTS[k][1][wording].format(n=e.name), getattr(e, k), kind=k)
 
 
-def entity_doc(e: Entity, rng: random.Random) -> Doc:
+def _augment_qa(e: Entity, augment_wordings: int) -> list[QA]:
+    """The augmentation QA: one question per fact, in a random one of the first `augment_wordings`
+    of AUGMENT_WORDINGS. Drawn from the entity's own generator, so the document streams (entities,
+    passages, evaluation questions) are the same whatever the number."""
+    rng = random.Random(f"{e.name}-augment")
+    return [_qa(e, k, rng.choice(AUGMENT_WORDINGS[:augment_wordings])) for k in _FACTS]
+
+
+def entity_doc(e: Entity, rng: random.Random, augment_wordings: int = 1) -> Doc:
     """In-distribution document: passage and rewrite in the training styles, held-out eval wordings."""
     eval_qa = [_qa(e, k, rng.choice(EVAL_WORDINGS)) for k in _FACTS]
     return Doc(passage=_text(e, TRAIN_STYLES[0], rng), rewrite=_text(e, TRAIN_STYLES[1], rng),
-               qa=[_qa(e, k, AUGMENT_WORDING) for k in _FACTS], eval_qa=eval_qa)
+               qa=_augment_qa(e, augment_wordings), eval_qa=eval_qa)
 
 
 OOD_AXES = ("values", "wordings", "style", "all")  # what is new in each out-of-distribution split
 
 
-def ood_doc(e: Entity, rng: random.Random, axis: str) -> Doc:
+def ood_doc(e: Entity, rng: random.Random, axis: str, augment_wordings: int = 1) -> Doc:
     """Out-of-distribution document. axis "values": the entity's occupation, employer kind and
     birth year come from the OOD pool (the caller draws it so); "wordings": questions in wordings
     never used in training; "style": the passage in a sentence style never used in training;
@@ -285,7 +300,7 @@ def ood_doc(e: Entity, rng: random.Random, axis: str) -> Doc:
     pair = OOD_WORDINGS if new_wording else EVAL_WORDINGS
     w = [rng.choice(pair) for _ in _FACTS]
     return Doc(passage=_text(e, OOD_STYLE if new_style else TRAIN_STYLES[0], rng), rewrite=_text(e, TRAIN_STYLES[1], rng),
-               qa=[_qa(e, k, wi if new_wording else AUGMENT_WORDING) for k, wi in zip(_FACTS, w)],
+               qa=[_qa(e, k, wi) for k, wi in zip(_FACTS, w)] if new_wording else _augment_qa(e, augment_wordings),
                eval_qa=[_qa(e, k, sum(pair) - wi) for k, wi in zip(_FACTS, w)])
 
 
@@ -296,6 +311,7 @@ class KnowledgeSet:
     known: list[Entity]  # closed-book facts taught in pretraining
     seed: int
     names: set[str]  # every entity name above
+    augment_wordings: int = 1  # augmentation QA wordings drawn from (see entity_doc)
 
     def training_docs(self) -> Iterator[Doc]:
         """An endless stream of fresh training documents (seeded); no entity of test, ood or known recurs."""
@@ -305,10 +321,11 @@ class KnowledgeSet:
             e = _entity(rng)
             if e.name not in taken:
                 taken.add(e.name)
-                yield entity_doc(e, rng)
+                yield entity_doc(e, rng, self.augment_wordings)
 
 
-def make_knowledge_set(n_test: int, n_ood: int, n_known: int, seed: int, ood_axes: tuple[str, ...] | list[str] = OOD_AXES) -> KnowledgeSet:
+def make_knowledge_set(n_test: int, n_ood: int, n_known: int, seed: int, ood_axes: tuple[str, ...] | list[str] = OOD_AXES,
+                       augment_wordings: int = 1) -> KnowledgeSet:
     """Disjoint fictional entities (names never repeat across pools)."""
     rng = random.Random(seed)
     seen: set[str] = set()
@@ -321,9 +338,10 @@ def make_knowledge_set(n_test: int, n_ood: int, n_known: int, seed: int, ood_axe
                 return e
 
     known = [fresh() for _ in range(n_known)]
-    test = [entity_doc(fresh(), rng) for _ in range(n_test)]
-    ood = {a: [ood_doc(fresh(OOD if a in ("values", "all") else IN_DISTRIBUTION), rng, a) for _ in range(n_ood)] for a in ood_axes} if n_ood else {}
-    return KnowledgeSet(test, ood, known, seed, seen)
+    test = [entity_doc(fresh(), rng, augment_wordings) for _ in range(n_test)]
+    ood = {a: [ood_doc(fresh(OOD if a in ("values", "all") else IN_DISTRIBUTION), rng, a, augment_wordings) for _ in range(n_ood)]
+           for a in ood_axes} if n_ood else {}
+    return KnowledgeSet(test, ood, known, seed, seen, augment_wordings)
 
 
 # -----------------------------------------------------------------------------

@@ -13,6 +13,9 @@ Rows (EM / F1 on the documents' evaluation questions, and EM per fact type):
   Standard RAG + mean LoRA   passage in the prompt + that mean LoRA: the answer (per design)
                    format a LoRA teaches, with no document's facts (fair to RAG on a
                    pretrained model whose own answers are long)
+  ... (augmentation questions)   Standard RAG and DyPRAG asked the held-out documents'
+                   augmentation questions, in the wordings PRAG and the translator train on:
+                   against the rows above, what a new question wording costs
 on the splits "test" (held-out entities, training templates) and "ood_<axis>" (held-out
 entities whose attribute values, question wordings, sentence style, or all three never
 appear in training). "seen" rows run PRAG and DyPRAG on training documents. Cosine
@@ -38,9 +41,10 @@ from moe_playground.train.dyprag.metrics import answer, cosine_matrix, delta_mat
 MEAN_LORA_DOCS = 64  # training documents whose generated LoRAs are averaged for the mean-LoRA control
 
 
-def _questions(docs):
-    """(question, answers, doc index, fact kind) for every evaluation question (augmentation QA if a doc has none)."""
-    return [(q.question, q.answers, i, q.kind) for i, d in enumerate(docs) for q in (d.eval_qa or d.qa)]
+def _questions(docs, augmentation: bool = False):
+    """(question, answers, doc index, fact kind) for every evaluation question (augmentation QA if a doc
+    has none, or if `augmentation`)."""
+    return [(q.question, q.answers, i, q.kind) for i, d in enumerate(docs) for q in (d.qa if augmentation else d.eval_qa or d.qa)]
 
 
 def derangement(n: int, seed: int) -> list[int]:
@@ -63,9 +67,9 @@ def evaluate_run(run) -> dict:
     splits = {**{s: run.docs(s) for s in run.eval_splits()}, "seen": seen_docs[: cfg.eval.seen_docs]}
     prag = {s: load_loras(run.root / "prag" / f"{s}.safetensors") for s in splits if (run.root / "prag" / f"{s}.safetensors").is_file()}
 
-    def score(split, with_passage, doc_loras=None, shared=None):
+    def score(split, with_passage, doc_loras=None, shared=None, augmentation=False):
         docs = splits[split]
-        qs = _questions(docs)
+        qs = _questions(docs, augmentation)
         prompts = [qa_prompt(q, docs[i].passage if with_passage else None) for q, _, i, _ in qs]
         loras = expand_per_question(doc_loras, [i for _, _, i, _ in qs]) if doc_loras is not None else shared
         preds = answer(model, tokenizer, prompts, loras, cfg.lora.scaling, **gen)
@@ -90,6 +94,9 @@ def evaluate_run(run) -> dict:
             rows[s]["PRAG-Combine"] = score(s, True, prag[s])
     if "seen" in prag:
         rows["test"]["PRAG (training docs)"] = score("seen", False, prag["seen"])
+    wordings_differ = all(d.eval_qa for d in splits["test"])  # else the evaluation questions are the augmentation QA
+    if wordings_differ:
+        rows["test"]["Standard RAG (augmentation questions)"] = score("test", True, augmentation=True)
     results["target_cosine_between_docs"] = mean_offdiag_cosine(delta_matrix(prag["test"]))[0] if "test" in prag else None
 
     # prompt lengths: the passage is what DyPRAG takes out of the prompt
@@ -128,6 +135,8 @@ def evaluate_run(run) -> dict:
                 "Standard RAG + mean LoRA (control)": score(s, True, shared=mean_control),
             }
         d_rows["test"]["DyPRAG (training docs)"] = score("seen", False, gen_loras["seen"])
+        if wordings_differ:
+            d_rows["test"]["DyPRAG (augmentation questions)"] = score("test", False, gen_loras["test"], augmentation=True)
         g_DP = delta_matrix(gen_loras["test"])
         info = {
             "rows": d_rows,

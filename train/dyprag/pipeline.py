@@ -81,7 +81,7 @@ class Run:
 
     def knowledge_set(self):
         d = self.cfg.data
-        return make_knowledge_set(d.n_test_docs, d.n_ood_docs, d.n_known, self.seed, d.ood_axes)
+        return make_knowledge_set(d.n_test_docs, d.n_ood_docs, d.n_known, self.seed, d.ood_axes, d.augment_wordings)
 
     def has_split(self, split: str) -> bool:
         return (self.root / "data" / f"{split}.jsonl").is_file()

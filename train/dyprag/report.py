@@ -29,6 +29,7 @@ OOD_AXIS_TEXT = {
     "all": "the three at once",
 }
 SEEN_ROWS = {"PRAG (training docs)": False, "DyPRAG (training docs)": True}  # row -> one per design?
+AUGMENTATION_ROWS = {"Standard RAG (augmentation questions)": False, "DyPRAG (augmentation questions)": True}  # held-out docs, training wordings
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -76,6 +77,11 @@ class Seeds:
         named = [(n, self.row(split, n)) for n in BASELINE_ROWS] + [(n, self.row(split, n, design)) for n in DESIGN_ROWS]
         return [(n, r) for n, r in named if r is not None]
 
+    def augmentation_rows(self, design: str) -> list[tuple[str, list[dict]]]:
+        """Standard RAG and DyPRAG on the held-out documents' augmentation questions (absent in older runs)."""
+        named = [(n, self.row("test", n, design if per_design else None)) for n, per_design in AUGMENTATION_ROWS.items()]
+        return [(n, r) for n, r in named if r is not None]
+
     def design(self, design: str, key: str) -> list[float]:
         return [r["designs"][design][key] for r in self.res if r["designs"][design].get(key) is not None]
 
@@ -84,12 +90,14 @@ def quality_table(S: Seeds, split: str, design: str, seen: bool) -> str:
     rows = S.rows(split, design)
     if seen:
         rows += [(f"{n.split(' (')[0]}, training docs (seen)", r) for n, per_design in SEEN_ROWS.items() if (r := S.row(split, n, design if per_design else None))]
+        rows += S.augmentation_rows(design)
     body = [[n, _fmt([x["em"] for x in r]), _fmt([x["f1"] for x in r]), " / ".join(f"{x['em']:.1f}" for x in r), str(r[0]["n"])] for n, r in rows]
     return _table(["method", "EM", "F1", "EM per seed", "questions per seed"], body)
 
 
 def kind_table(S: Seeds, split: str, design: str) -> str:
     rows = [(n, r) for n, r in S.rows(split, design) if n in ("Standard RAG", "PRAG", "DyPRAG", "DyPRAG-Combine", "Shuffled doc (control)")]
+    rows += S.augmentation_rows(design) if split == "test" else []
     kinds = list(rows[0][1][0]["em_by_kind"])
     body = [[n] + [_fmt([x["em_by_kind"].get(k, float("nan")) for x in r], 0) for k in kinds] for n, r in rows]
     return _table(["method (EM)"] + kinds, body)
@@ -196,6 +204,12 @@ def observations(S: Seeds) -> list[str]:
             f"mean LoRA {_fmt(controls['Mean LoRA (control)'])}): the generated LoRA {'carries' if above else 'does not carry'} the document. "
             f"DyPRAG-Combine {_fmt(em('test', 'DyPRAG-Combine', d))} vs Standard RAG {_fmt(rag)}."
         )
+        aug = dict(S.augmentation_rows(d))
+        if aug:
+            dy_aug, rag_aug = _em(aug["DyPRAG (augmentation questions)"]), _em(aug["Standard RAG (augmentation questions)"])
+            out.append(f"  Asked in the training wordings instead (the held-out documents' augmentation questions): DyPRAG {_fmt(dy_aug)} EM, "
+                       f"Standard RAG {_fmt(rag_aug)}. A question wording the translator never trained on costs DyPRAG "
+                       f"{_fmt([a - b for a, b in zip(dy_aug, dy)])} EM and Standard RAG {_fmt([a - b for a, b in zip(rag_aug, rag)])}.")
         for split in S.splits[1:]:
             out.append(f"  `{split}`: DyPRAG {_fmt(em(split, 'DyPRAG', d))} EM, Standard RAG {_fmt(em(split, 'Standard RAG'))}, "
                        f"PRAG {_fmt(em(split, 'PRAG'))}, shuffled document {_fmt(em(split, 'Shuffled doc (control)', d))}.")
@@ -246,7 +260,9 @@ def setup_text(cfg: dict, S: Seeds) -> list[str]:
     if d["source"] == "synthetic":
         stream = (f"a fixed pool of {d['n_train_docs']} documents" if d["n_train_docs"]
                   else f"fresh documents streamed from a seeded generator ({t['steps']} steps x {t['docs_per_step']} = {t['steps'] * t['docs_per_step']:,} documents, never repeated)")
-        data = (f"translator trained on {stream}; evaluated on {d['n_test_docs']} held-out documents (test: fictional people "
+        asked = ("one augmentation question per fact in one wording" if d.get("augment_wordings", 1) == 1
+                 else f"one augmentation question per fact in a random one of {d['augment_wordings']} wordings")
+        data = (f"translator trained on {stream}, {asked}; evaluated on {d['n_test_docs']} held-out documents (test: fictional people "
                 "never seen in training, 5 facts each, question wordings other than the training ones)"
                 + (f"; and {d['n_ood_docs']} documents in each out-of-distribution split, one kind of novelty each: "
                    + ", ".join(f"`ood_{a}` ({OOD_AXIS_TEXT[a]})" for a in d["ood_axes"]) if d["n_ood_docs"] else ""))
