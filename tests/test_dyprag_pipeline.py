@@ -7,6 +7,7 @@ resumed; the tests then read what it wrote.
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
@@ -239,7 +240,7 @@ def test_more_augmentation_wordings_change_only_the_augmentation_questions():
 
     from train.config import ConfigError, load_config
     from train.dyprag.config import DyPragConfig
-    from train.dyprag.data import _FACTS, AUGMENT_WORDINGS, EVAL_WORDINGS, OOD_WORDINGS
+    from train.dyprag.data import _FACTS, AUGMENT_WORDINGS, EVAL_WORDINGS, OOD_WORDINGS, pretrain_sample
 
     one, three = make_knowledge_set(10, 4, 5, seed=1), make_knowledge_set(10, 4, 5, seed=1, augment_wordings=3)
     pairs = list(zip(one.test + one.ood["values"], three.test + three.ood["values"]))
@@ -255,6 +256,16 @@ def test_more_augmentation_wordings_change_only_the_augmentation_questions():
                 used[n].add(wording[0])
     assert used[1] == {AUGMENT_WORDINGS[0]}
     assert used[3] == set(AUGMENT_WORDINGS) and not used[3] & set(EVAL_WORDINGS + OOD_WORDINGS)
+    # pretraining asks in every wording of the training distribution, and never in the OOD ones
+    for n, expected in ((1, {0, 1, 2}), (3, {0, 1, 2, 5, 6})):
+        rng, asked = random.Random(0), set()
+        for _ in range(3000):
+            prompt, target = pretrain_sample(rng, one.known, n)
+            for line in (prompt + target).split("\n"):
+                if line.startswith("Question: "):
+                    q = line.removeprefix("Question: ")
+                    asked |= {w for kind in _FACTS for w, t in enumerate(_FACTS[kind][1]) if _matches(t, q)}
+        assert asked == expected, n
     with pytest.raises(ConfigError, match="augment_wordings"):
         load_config(DyPragConfig, None, ["data.augment_wordings=4"])
 

@@ -91,7 +91,7 @@ def build_tiny_llama(tokenizer, hidden: int, layers: int, heads: int, intermedia
     return LlamaForCausalLM(cfg)
 
 
-def pretrain(model, tokenizer, known, *, steps: int, batch_size: int, lr: float, max_len: int, seed: int, log) -> dict:
+def pretrain(model, tokenizer, known, *, steps: int, batch_size: int, lr: float, max_len: int, seed: int, log, augment_wordings: int = 1) -> dict:
     """AdamW with linear warmup and cosine decay on an endless stream of corpus samples."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -104,7 +104,7 @@ def pretrain(model, tokenizer, known, *, steps: int, batch_size: int, lr: float,
     t0, ema = time.time(), None
     bar = tqdm(range(steps), desc="pretrain base model", leave=False)
     for step in bar:
-        batch = encode_pairs(tokenizer, [pretrain_sample(rng, known) for _ in range(batch_size)], max_len)
+        batch = encode_pairs(tokenizer, [pretrain_sample(rng, known, augment_wordings) for _ in range(batch_size)], max_len)
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -34,7 +34,8 @@ class DataConfig:
     ood_axes: list[str] = field(default_factory=lambda: list(OOD_AXES))  # the OOD splits: what is new in each (data.ood_doc)
     n_known: int = 100  # synthetic: entities the base model learns closed-book in pretraining
     # synthetic: each augmentation question (PRAG's and the translator's training QA) takes one of
-    # the first N augmentation wordings at random (data.AUGMENT_WORDINGS); 1 = always wording 0
+    # the first N augmentation wordings at random (data.AUGMENT_WORDINGS), and the base model's
+    # pretraining asks in them too; 1 = always wording 0
     augment_wordings: int = 1
 
     def __post_init__(self):

@@ -225,7 +225,7 @@ def _entity(rng: random.Random, pool: ValuePool = IN_DISTRIBUTION) -> Entity:
 # evaluation wordings that pretraining also uses. Style 2 and wordings 3-4 appear
 # nowhere in training: they make the out-of-distribution split. Wordings 5-6 are
 # more augmentation wordings, as an LLM augmenter would vary its questions
-# (data.augment_wordings; pretraining never uses them, evaluation never asks them).
+# (data.augment_wordings: pretraining and augmentation then use them too; evaluation never asks them).
 _FACTS = {
     "city": (
         ["{n} was born in the town of {v}.", "The town of {v} is where {n} was born.", "{n} first saw daylight in {v}."],
@@ -348,7 +348,7 @@ def make_knowledge_set(n_test: int, n_ood: int, n_known: int, seed: int, ood_axe
 # base-model pretraining corpus: (prompt, target) pairs; loss on the target only
 
 
-def pretrain_sample(rng: random.Random, known: list[Entity]) -> tuple[str, str]:
+def pretrain_sample(rng: random.Random, known: list[Entity], augment_wordings: int = 1) -> tuple[str, str]:
     """One sample of a mixture that teaches the two prompt formats and document text.
 
     60% reading comprehension on a fresh entity (any wording, passage or rewrite
@@ -357,31 +357,33 @@ def pretrain_sample(rng: random.Random, known: list[Entity]) -> tuple[str, str]:
     most samples, and short passages make it easier to pick up. 20% closed-book QA on a known entity
     (any wording): answering must come from the weights. 20% plain text of a
     known entity's document, so facts can enter the weights from text, as PRAG
-    later needs.
+    later needs. "Any wording": the evaluation wordings and the first
+    `augment_wordings` augmentation ones, every question wording of the training distribution.
     """
+    wordings = AUGMENT_WORDINGS[:1] + EVAL_WORDINGS + AUGMENT_WORDINGS[1:augment_wordings]  # 1: wordings 0-2 as always
     u = rng.random()
     if u < 0.6:
         e = _entity(rng)
         passage = _text(e, rng.randrange(2), rng, rng.randint(1, len(_FACTS)))
         asked = [k for k in _FACTS if getattr(e, k) in passage]
         rng.shuffle(asked)
-        turns = [(_FACTS[k][1][rng.randrange(3)].format(n=e.name), getattr(e, k)) for k in asked[: rng.randint(1, 3)]]
+        turns = [(_FACTS[k][1][wordings[rng.randrange(len(wordings))]].format(n=e.name), getattr(e, k)) for k in asked[: rng.randint(1, 3)]]
         # follow-up questions on the same passage: more answer tokens per passage read
         follow = "".join(f"\nQuestion: {q}\nAnswer:{qa_target(a)}" for q, a in turns[1:])
         return qa_prompt(turns[0][0], passage), qa_target(turns[0][1]) + follow
     e = rng.choice(known)
     if u < 0.8:
         k = rng.choice(list(_FACTS))
-        return qa_prompt(_FACTS[k][1][rng.randrange(3)].format(n=e.name)), qa_target(getattr(e, k))
+        return qa_prompt(_FACTS[k][1][wordings[rng.randrange(len(wordings))]].format(n=e.name)), qa_target(getattr(e, k))
     return "", _text(e, rng.randrange(2), rng) + EOS
 
 
-def tokenizer_corpus(n: int, seed: int, train_docs: list[Doc]) -> list[str]:
+def tokenizer_corpus(n: int, seed: int, train_docs: list[Doc], augment_wordings: int = 1) -> list[str]:
     """Text to fit the BPE tokenizer on: pretraining samples and training documents only
     (never the test or OOD documents, whose text would otherwise leak into the vocabulary)."""
     rng = random.Random(seed + 1)
     known = [_entity(rng) for _ in range(50)]
-    out = ["".join(pretrain_sample(rng, known)) for _ in range(n)]
+    out = ["".join(pretrain_sample(rng, known, augment_wordings)) for _ in range(n)]
     for d in train_docs:
         out += [d.passage, d.rewrite] + [qa_prompt(q.question) + qa_target(q.answer) for q in d.qa + d.eval_qa]
     return out

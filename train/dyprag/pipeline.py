@@ -180,10 +180,11 @@ def stage_base(run: Run) -> dict:
     known = [Entity(**e) for e in json.loads((run.root / "data" / "known_entities.json").read_text())]
     train_docs = run.training_docs()
     fit_docs = list(islice(train_docs, TOKENIZER_DOCS))
-    tokenizer = train_tokenizer(tokenizer_corpus(4000, run.seed, fit_docs), c.vocab_size)
+    tokenizer = train_tokenizer(tokenizer_corpus(4000, run.seed, fit_docs, run.cfg.data.augment_wordings), c.vocab_size)
     torch.manual_seed(run.seed)
     model = build_tiny_llama(tokenizer, c.hidden, c.layers, c.heads, c.intermediate, c.max_len)
-    info = pretrain(model, tokenizer, known, steps=c.steps, batch_size=c.batch_size, lr=c.lr, max_len=c.max_len, seed=run.seed, log=run.log)
+    info = pretrain(model, tokenizer, known, steps=c.steps, batch_size=c.batch_size, lr=c.lr, max_len=c.max_len, seed=run.seed, log=run.log,
+                    augment_wordings=run.cfg.data.augment_wordings)
     tmp = run.root / "base_model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
