@@ -14,6 +14,7 @@ import torch
 
 from models.lora import factored_lora, load_loras, stack_loras
 from models.translator import TranslatorConfig, build_translator, document_states, load_translator, save_translator
+from train.config import ConfigError
 from train.dyprag import pipeline as dyprag
 from train.dyprag.base import load_base
 from train.dyprag.config import LoraShape
@@ -238,7 +239,7 @@ def test_synthetic_splits_have_disjoint_fictional_entities():
 def test_more_augmentation_wordings_change_only_the_augmentation_questions():
     from itertools import islice
 
-    from train.config import ConfigError, load_config
+    from train.config import load_config
     from train.dyprag.config import DyPragConfig
     from train.dyprag.data import _FACTS, AUGMENT_WORDINGS, EVAL_WORDINGS, OOD_WORDINGS, pretrain_sample
 
@@ -394,50 +395,88 @@ def test_prag_augmented_files_become_documents(tmp_path, capsys):
 # learning: the generated LoRA must carry the document
 
 
-@pytest.mark.parametrize("design", ["cross_attention", "fast_weight"])  # the designs that read every token
-def test_token_level_translator_learns_a_fact_from_the_document(design):
-    """Micro-config: documents "P<id> keeps a cat named <one of 8 names> ." and the question about
-    the cat; a random tiny Llama (word-level tokens) and 100 steps on fresh documents. The answer
-    comes out under each held-out document's own LoRA, at chance (1/8) under another document's."""
+CATS = ["Zub", "Mira", "Tosk", "Bela", "Quon", "Rill", "Dax", "Omo"]
+
+
+def cat_docs(seed):
+    """Micro-config documents: "P<id> keeps a cat named <one of 8 names> ." and the question about the cat."""
     import random
 
+    from train.dyprag.data import QA, Doc
+
+    rng = random.Random(seed)
+    while True:
+        name, cat = f"P{rng.randrange(10**6)}", rng.choice(CATS)
+        yield Doc(passage=f"{name} keeps a cat named {cat} .", qa=[QA(f"What is the name of {name} cat ?", cat, kind="pet")])
+
+
+@pytest.fixture(scope="module")
+def micro():
+    """A random tiny Llama with word-level tokens for the cat documents: (tokenizer, model)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from models.lora import find_lora_targets
-    from train.config import load_config
-    from train.dyprag.base import build_tiny_llama, encode_pairs
-    from train.dyprag.config import DyPragConfig
-    from train.dyprag.data import BOS, EOS, PAD, QA, Doc, qa_prompt, qa_target
-    from train.dyprag.metrics import expand_per_question
-    from train.dyprag.train_translator import train_translator
-
-    cats = ["Zub", "Mira", "Tosk", "Bela", "Quon", "Rill", "Dax", "Omo"]
-
-    def docs(seed):
-        rng = random.Random(seed)
-        while True:
-            name, cat = f"P{rng.randrange(10**6)}", rng.choice(cats)
-            yield Doc(passage=f"{name} keeps a cat named {cat} .", qa=[QA(f"What is the name of {name} cat ?", cat, kind="pet")])
+    from train.dyprag.base import build_tiny_llama
+    from train.dyprag.data import BOS, EOS, PAD
 
     words = Tokenizer(models.WordLevel(unk_token="<unk>"))
     words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    words.train_from_iterator(["keeps a cat named . What is the name of cat ? Question: Answer: " + " ".join(cats)],
+    words.train_from_iterator(["keeps a cat named . What is the name of cat ? Question: Answer: " + " ".join(CATS)],
                               trainers.WordLevelTrainer(special_tokens=[PAD, BOS, EOS, "<unk>"]))
     tok = PreTrainedTokenizerFast(tokenizer_object=words, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token="<unk>")
     torch.manual_seed(0)
-    model = build_tiny_llama(tok, 32, 2, 2, 64, 64).eval().requires_grad_(False)
+    return tok, build_tiny_llama(tok, 32, 2, 2, 64, 64).eval().requires_grad_(False)
+
+
+def test_text_loss_is_added_and_changes_training(micro):
+    """train.lambda_text adds the LM loss on the document's own text under its generated LoRA."""
+    from models.lora import find_lora_targets
+    from train.config import load_config
+    from train.dyprag.config import DyPragConfig
+    from train.dyprag.train_translator import train_translator
+
+    tok, model = micro
+    weights, logs = {}, {}
+    for lam in (0.0, 0.5):
+        cfg = load_config(DyPragConfig, None, ["train.steps=3", "train.docs_per_step=4", "train.p_passage=0", "train.log_every=1",
+                                               "translator.hidden=16", f"train.lambda_text={lam}"])
+        logs[lam] = []
+        translator, _ = train_translator(model, tok, cfg, cfg.translator, find_lora_targets(model, cfg.lora.target_modules), stream=cat_docs(1),
+                                         seed=0, log=logs[lam].append)
+        weights[lam] = torch.cat([p.detach().flatten() for p in translator.parameters()])
+    assert all("text" not in r for r in logs[0.0])
+    for r in logs[0.5]:
+        assert r["text"] > 0 and r["train_loss"] == pytest.approx(r["lm"] + 0.5 * r["text"])
+    assert logs[0.5][0]["lm"] == pytest.approx(logs[0.0][0]["lm"])  # the same first step, before the text term acts
+    assert not torch.allclose(weights[0.0], weights[0.5])
+    with pytest.raises(ConfigError, match="lambda_text"):
+        load_config(DyPragConfig, None, ["train.lambda_text=-1"])
+
+
+@pytest.mark.parametrize("design", ["cross_attention", "fast_weight"])  # the designs that read every token
+def test_token_level_translator_learns_a_fact_from_the_document(design, micro):
+    """Micro-config: the cat documents, a random tiny Llama (word-level tokens) and 100 steps on fresh
+    documents. The answer comes out under each held-out document's own LoRA, at chance (1/8) under another document's."""
+    from models.lora import find_lora_targets
+    from train.config import load_config
+    from train.dyprag.base import encode_pairs
+    from train.dyprag.config import DyPragConfig
+    from train.dyprag.data import qa_prompt, qa_target
+    from train.dyprag.metrics import expand_per_question
+    from train.dyprag.train_translator import train_translator
+
+    tok, model = micro
     cfg = load_config(DyPragConfig, None, ["train.steps=100", "train.docs_per_step=16", "train.p_passage=0", "train.warmup=5",
                                            "translator.hidden=32", "lora.rank=4", f"translator.design={design}"])
     targets = find_lora_targets(model, cfg.lora.target_modules)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        translator, info = train_translator(model, tok, cfg, cfg.translator, targets, stream=docs(1), seed=0, log=lambda r: None)
+        translator, info = train_translator(model, tok, cfg, cfg.translator, targets, stream=cat_docs(1), seed=0, log=lambda r: None)
     finally:
         torch.set_num_threads(before)
     assert info["documents_seen"] == 100 * 16 and info["distinct_documents"] == 1600
-    test = [d for d, _ in zip(docs(2), range(64))]
+    test = [d for d, _ in zip(cat_docs(2), range(64))]
     with torch.no_grad():
         loras = translator(*document_states(model, tok, [d.passage for d in test], [0, 1, 2]))
         batch = encode_pairs(tok, [(qa_prompt(d.qa[0].question), qa_target(d.qa[0].answer)) for d in test], 64)

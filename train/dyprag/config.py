@@ -127,6 +127,9 @@ class TrainConfig:
     # documents, so a fixed pool (data.n_train_docs > 0 or a file source)
     lambda_kl: float = 0.0
     lambda_mse: float = 0.0
+    # PRAG's other examples: weight of the language-model loss on the document's own text (passage or
+    # rewrite, one at random per document and step) read closed-book under its generated LoRA
+    lambda_text: float = 0.0
     log_every: int = 10
 
     def __post_init__(self):
@@ -134,7 +137,7 @@ class TrainConfig:
         check(self.questions_per_doc >= 0, f"train.questions_per_doc={self.questions_per_doc} must be >= 0 (0 = all)")
         check(self.lr > 0 and self.warmup >= 0, "train.lr must be > 0 and train.warmup >= 0")
         check(0 <= self.p_passage <= 1, f"train.p_passage={self.p_passage} must be in [0, 1]")
-        check(self.lambda_kl >= 0 and self.lambda_mse >= 0, "train.lambda_kl and train.lambda_mse must be >= 0")
+        check(self.lambda_kl >= 0 and self.lambda_mse >= 0 and self.lambda_text >= 0, "train.lambda_kl, lambda_mse and lambda_text must be >= 0")
         check(self.log_every >= 1, f"train.log_every={self.log_every} must be >= 1")
 
     @property

@@ -30,10 +30,14 @@ from moe_playground.train.dyprag.config import LoraShape, PragConfig
 from moe_playground.train.dyprag.data import EOS, Doc, qa_prompt, qa_target
 
 
+def doc_texts(doc: Doc) -> list[tuple[str, str]]:
+    """The document's own text as (prompt, target) pairs: passage and rewrite, the whole text a target."""
+    return [("", doc.passage + EOS)] + ([("", doc.rewrite + EOS)] if doc.rewrite else [])
+
+
 def doc_examples(doc: Doc) -> list[tuple[str, str]]:
     """(prompt, target) pairs: loss on the target only."""
-    texts = [("", doc.passage + EOS)] + ([("", doc.rewrite + EOS)] if doc.rewrite else [])
-    return texts + [(qa_prompt(q.question), qa_target(q.answer)) for q in doc.qa]
+    return doc_texts(doc) + [(qa_prompt(q.question), qa_target(q.answer)) for q in doc.qa]
 
 
 def lora_config(shape: LoraShape) -> LoraConfig:

@@ -6,6 +6,8 @@ model over them for their token states, generates one LoRA per document, and
 scores the document's augmentation questions under that LoRA: the loss is the
 cross-entropy of the answer tokens (DyPRAG's prediction loss), so the translator
 learns whatever makes the base model answer, not an imitation of PRAG's LoRAs.
+With `lambda_text`, the language-model loss on the document's own text under its
+LoRA (PRAG's other training examples) is added.
 A share `p_passage` of the questions also carry the passage in the prompt, so the
 generated LoRA learns to cooperate with it (DyPRAG-Combine). Where a fixed pool
 has PRAG LoRAs, DyPRAG's distillation terms (KL to the PRAG model, MSE to its
@@ -33,6 +35,7 @@ from moe_playground.train.dyprag.base import encode_pairs
 from moe_playground.train.dyprag.config import DyPragConfig
 from moe_playground.train.dyprag.data import Doc, qa_prompt, qa_target
 from moe_playground.train.dyprag.metrics import expand_per_question
+from moe_playground.train.dyprag.prag import doc_texts
 
 CALIBRATION_DOCS = 64  # documents whose token statistics standardize the translator's input
 
@@ -107,6 +110,12 @@ def train_translator(
                                               targets_rows, t.lambda_kl, t.lambda_mse)
             loss = loss + share * part_loss
             parts = {k: parts.get(k, 0.0) + share * v for k, v in part.items()}
+        if t.lambda_text > 0:  # the document's own text, as PRAG trains on it
+            texts = [rng.choice(doc_texts(d)) for d in docs]
+            text_loss, _ = translator_loss(model, generated, encode_pairs(tokenizer, texts, cfg.model.max_len), cfg.lora.scaling)
+            loss = loss + t.lambda_text * text_loss
+            parts["text"] = text_loss.item()
+            parts["loss"] += t.lambda_text * parts["text"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(translator.parameters(), 1.0).item()
