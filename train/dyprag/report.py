@@ -18,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from moe_playground.train.checkpoint import atomic_write_text  # noqa: E402
+from moe_playground.train.dyprag.config import DataConfig  # noqa: E402
 from moe_playground.train.plots import read_metrics  # noqa: E402
 
 BASELINE_ROWS = ["Vanilla", "Standard RAG", "PRAG", "PRAG-Combine"]
@@ -260,7 +261,7 @@ def setup_text(cfg: dict, S: Seeds) -> list[str]:
     if d["source"] == "synthetic":
         stream = (f"a fixed pool of {d['n_train_docs']} documents" if d["n_train_docs"]
                   else f"fresh documents streamed from a seeded generator ({t['steps']} steps x {t['docs_per_step']} = {t['steps'] * t['docs_per_step']:,} documents, never repeated)")
-        asked = ("one augmentation question per fact in one wording" if d.get("augment_wordings", 1) == 1
+        asked = ("one augmentation question per fact in one wording" if d.get("augment_wordings", DataConfig.augment_wordings) == 1
                  else f"one augmentation question per fact in a random one of {d['augment_wordings']} wordings")
         data = (f"translator trained on {stream}, {asked}; evaluated on {d['n_test_docs']} held-out documents (test: fictional people "
                 "never seen in training, 5 facts each, question wordings other than the training ones)"
