@@ -241,7 +241,7 @@ def test_more_augmentation_wordings_change_only_the_augmentation_questions():
 
     from train.config import load_config
     from train.dyprag.config import DyPragConfig
-    from train.dyprag.data import _FACTS, AUGMENT_WORDINGS, EVAL_WORDINGS, OOD_WORDINGS, pretrain_sample
+    from train.dyprag.data import AUGMENT_WORDINGS, EVAL_WORDINGS, OOD_WORDINGS, pretrain_sample
 
     one, three = make_knowledge_set(10, 4, 5, seed=1), make_knowledge_set(10, 4, 5, seed=1, augment_wordings=3)
     pairs = list(zip(one.test + one.ood["values"], three.test + three.ood["values"]))
@@ -252,9 +252,9 @@ def test_more_augmentation_wordings_change_only_the_augmentation_questions():
         assert [(q.kind, q.answer) for q in a.qa] == [(q.kind, q.answer) for q in b.qa]
         for n, d in ((1, a), (3, b)):
             for q in d.qa:
-                wording = [w for w, t in enumerate(_FACTS[q.kind][1]) if _matches(t, q.question)]
+                wording = _wordings(q.question)
                 assert len(wording) == 1, q.question
-                used[n].add(wording[0])
+                used[n] |= wording
     assert used[1] == {AUGMENT_WORDINGS[0]}
     assert used[3] == set(AUGMENT_WORDINGS) and not used[3] & set(EVAL_WORDINGS + OOD_WORDINGS)
     # pretraining asks in every wording of the training distribution, and never in the OOD ones
@@ -264,16 +264,21 @@ def test_more_augmentation_wordings_change_only_the_augmentation_questions():
             prompt, target = pretrain_sample(rng, one.known, n)
             for line in (prompt + target).split("\n"):
                 if line.startswith("Question: "):
-                    q = line.removeprefix("Question: ")
-                    asked |= {w for kind in _FACTS for w, t in enumerate(_FACTS[kind][1]) if _matches(t, q)}
+                    asked |= _wordings(line.removeprefix("Question: "))
         assert asked == expected, n
     with pytest.raises(ConfigError, match="augment_wordings"):
         load_config(DyPragConfig, None, ["data.augment_wordings=4"])
 
 
-def _matches(template: str, question: str) -> bool:
-    pre, post = template.split("{n}")
-    return question.startswith(pre) and question.endswith(post) and len(question) > len(pre) + len(post)
+def _wordings(question: str) -> set[int]:
+    """The indices of the question wordings (any fact) that `question` fits, the name blanked out."""
+    from train.dyprag.data import _FACTS
+
+    def fits(template: str) -> bool:
+        pre, post = template.split("{n}")
+        return question.startswith(pre) and question.endswith(post) and len(question) > len(pre) + len(post)
+
+    return {w for _, wordings in _FACTS.values() for w, t in enumerate(wordings) if fits(t)}
 
 
 def test_shuffled_control_always_uses_another_document():
@@ -400,8 +405,6 @@ CATS = ["Zub", "Mira", "Tosk", "Bela", "Quon", "Rill", "Dax", "Omo"]
 
 def cat_docs(seed):
     """Micro-config documents: "P<id> keeps a cat named <one of 8 names> ." and the question about the cat."""
-    import random
-
     from train.dyprag.data import QA, Doc
 
     rng = random.Random(seed)
