@@ -456,6 +456,23 @@ def test_text_loss_is_added_and_changes_training(micro):
         load_config(DyPragConfig, None, ["train.lambda_text=-1"])
 
 
+def test_learning_rate_schedules():
+    """cosine decays from the end of warmup on; wsd holds the peak until the last decay_share of the steps, then falls linearly to 0."""
+    from train.config import load_config
+    from train.dyprag.config import DyPragConfig, lr_factor
+
+    cosine = [lr_factor(s, 100, 10) for s in range(100)]
+    wsd = [lr_factor(s, 100, 10, "wsd", 0.25) for s in range(100)]
+    assert wsd[:10] == pytest.approx([(s + 1) / 10 for s in range(10)]) and cosine[:10] == pytest.approx(wsd[:10], abs=0.03)
+    assert all(a > b for a, b in zip(cosine[10:], cosine[11:]))
+    assert wsd[9:76] == [1.0] * 67 and all(a > b for a, b in zip(wsd[75:], wsd[76:])) and wsd[-1] == pytest.approx(1 / 25)
+    assert sum(wsd) > 1.4 * sum(cosine)  # more steps near the peak
+    with pytest.raises(ConfigError, match="schedule='linear' must be one of"):
+        load_config(DyPragConfig, None, ["train.schedule=linear"])
+    with pytest.raises(ConfigError, match="decay_share"):
+        load_config(DyPragConfig, None, ["train.decay_share=0"])
+
+
 @pytest.mark.parametrize("design", ["cross_attention", "fast_weight"])  # the designs that read every token
 def test_token_level_translator_learns_a_fact_from_the_document(design, micro):
     """Micro-config: the cat documents, a random tiny Llama (word-level tokens) and 100 steps on fresh

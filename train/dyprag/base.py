@@ -9,7 +9,6 @@ answer from a passage in its prompt (Standard RAG) and from its weights
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from moe_playground.train.dyprag.config import lr_factor
 from moe_playground.train.dyprag.data import BOS, EOS, PAD, pretrain_sample
 
 
@@ -96,10 +96,7 @@ def pretrain(model, tokenizer, known, *, steps: int, batch_size: int, lr: float,
     rng = random.Random(seed)
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup=steps // 20))
     model.train()
     t0, ema = time.time(), None
     bar = tqdm(range(steps), desc="pretrain base model", leave=False)

@@ -7,6 +7,8 @@ ConfigError naming the key before any work starts.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 from moe_playground.models.translator import DESIGNS, TranslatorConfig
@@ -111,6 +113,18 @@ class PragConfig:
         check(self.batch_docs >= 1 and self.time_peft_docs >= 0, "prag.batch_docs must be >= 1 and prag.time_peft_docs >= 0")
 
 
+SCHEDULES = ("cosine", "wsd")
+
+
+def lr_factor(step: int, steps: int, warmup: int, schedule: str = "cosine", decay_share: float = 0.2) -> float:
+    """The learning rate at `step` (0-based) of `steps` as a share of the peak: linear warmup, then
+    "cosine" (cosine decay to 0 over all steps) or "wsd" (constant, then linear to 0 over the last decay_share)."""
+    warm = min(1.0, (step + 1) / max(1, warmup))
+    if schedule == "cosine":
+        return warm * 0.5 * (1 + math.cos(math.pi * min(1.0, step / steps)))
+    return warm * min(1.0, (steps - step) / (decay_share * steps))
+
+
 @dataclass
 class TrainConfig:
     """How every translator design is trained (stage 2)."""
@@ -119,7 +133,11 @@ class TrainConfig:
     docs_per_step: int = 32
     questions_per_doc: int = 0  # augmentation questions scored per document and step (a random few); 0 = all
     lr: float = 1e-3
-    warmup: int = 30  # linear warmup steps, then cosine decay to 0
+    warmup: int = 30  # linear warmup steps, then the decay of `schedule`
+    # "cosine": cosine decay to 0 over all steps; "wsd": warmup, then constant, then linear to 0
+    # over the last `decay_share` of the steps (more steps at full learning rate)
+    schedule: str = "cosine"
+    decay_share: float = 0.2
     # Share of QA rows that also see the passage in the prompt: a LoRA trained only
     # closed-book was never asked to cooperate with the passage (DyPRAG-Combine).
     p_passage: float = 0.25
@@ -137,6 +155,8 @@ class TrainConfig:
         check(self.questions_per_doc >= 0, f"train.questions_per_doc={self.questions_per_doc} must be >= 0 (0 = all)")
         check(self.lr > 0 and self.warmup >= 0, "train.lr must be > 0 and train.warmup >= 0")
         check(0 <= self.p_passage <= 1, f"train.p_passage={self.p_passage} must be in [0, 1]")
+        check(self.schedule in SCHEDULES, f"train.schedule={self.schedule!r} must be one of {SCHEDULES}")
+        check(0 < self.decay_share <= 1, f"train.decay_share={self.decay_share} must be in (0, 1]")
         check(self.lambda_kl >= 0 and self.lambda_mse >= 0 and self.lambda_text >= 0, "train.lambda_kl, lambda_mse and lambda_text must be >= 0")
         check(self.log_every >= 1, f"train.log_every={self.log_every} must be >= 1")
 

@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from moe_playground.train.checkpoint import atomic_write_text  # noqa: E402
-from moe_playground.train.dyprag.config import DataConfig  # noqa: E402
+from moe_playground.train.dyprag.config import DataConfig, TrainConfig  # noqa: E402
 from moe_playground.train.plots import read_metrics  # noqa: E402
 
 BASELINE_ROWS = ["Vanilla", "Standard RAG", "PRAG", "PRAG-Combine"]
@@ -270,6 +270,8 @@ def setup_text(cfg: dict, S: Seeds) -> list[str]:
     else:
         data = f"documents from `{d['train_file']}` (train) and `{d['test_file']}` (test)"
     layers = f" in layers {lo['layers']}" if lo["layers"] else ""
+    decay = ("cosine decay to 0" if t.get("schedule", TrainConfig.schedule) == "cosine"
+             else f"constant until a linear decay to 0 over the last {100 * t['decay_share']:g}% of the steps")
     return [
         f"- Seeds: {len(S.dirs)} ({', '.join(x.name for x in S.dirs)}); each seed has its own base model, documents and translators. "
         "Figures are mean ± standard error over seeds.",
@@ -278,9 +280,10 @@ def setup_text(cfg: dict, S: Seeds) -> list[str]:
         f"- LoRA: rank {lo['rank']}, alpha {lo['alpha']:g} on {', '.join(lo['target_modules'])}{layers}.",
         f"- PRAG: lr {p['lr']:g}, {p['epochs']} epochs over each document's passage, rewrite and augmentation QA, batch size 1.",
         f"- Translator: designs {', '.join(f'`{x}`' for x in S.designs)}; width {tr['hidden']}, reads hidden states "
-        f"{tr['read_layers'] or 'of every layer'}; {t['steps']} steps of {t['docs_per_step']} documents, AdamW lr {t['lr']:g}; "
-        f"loss = answer cross-entropy under the generated LoRA"
+        f"{tr['read_layers'] or 'of every layer'}; {t['steps']} steps of {t['docs_per_step']} documents, AdamW lr {t['lr']:g}, "
+        f"{t['warmup']} warmup steps, then {decay}; loss = answer cross-entropy under the generated LoRA"
         + (f" + {t['lambda_kl']:g} KL + {t['lambda_mse']:g} MSE to PRAG" if t["lambda_kl"] or t["lambda_mse"] else "")
+        + (f" + {t['lambda_text']:g} x LM loss on the document's own text" if t.get("lambda_text") else "")
         + f"; {100 * t['p_passage']:.0f}% of training questions also carry the passage.",
         "- EM/F1: SQuAD answer normalization, greedy decoding. \"Seen\" rows are training documents.",
     ]

@@ -20,7 +20,6 @@ and scored 1.5 EM on held-out ones.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from itertools import islice
@@ -32,7 +31,7 @@ from tqdm import tqdm
 from moe_playground.models.lora import Loras
 from moe_playground.models.translator import TranslatorConfig, Translator, build_translator, document_states, resolve_layers, translator_loss
 from moe_playground.train.dyprag.base import encode_pairs
-from moe_playground.train.dyprag.config import DyPragConfig
+from moe_playground.train.dyprag.config import DyPragConfig, lr_factor
 from moe_playground.train.dyprag.data import Doc, qa_prompt, qa_target
 from moe_playground.train.dyprag.metrics import expand_per_question
 from moe_playground.train.dyprag.prag import doc_texts
@@ -86,9 +85,7 @@ def train_translator(
     translator.set_input_stats(*document_states(model, tokenizer, [d.passage for d in calibration], layers))
 
     opt = torch.optim.AdamW(translator.parameters(), lr=t.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1, t.warmup)) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / t.steps)))
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, t.steps, t.warmup, t.schedule, t.decay_share))
     batches = pool_batches(pool, t.docs_per_step, seed) if pool is not None else None
     rng = random.Random(seed)
     t0, seen, window = time.perf_counter(), 0, []
