@@ -8,7 +8,6 @@ ConfigError naming the key before any work starts.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, field
 
 from moe_playground.models.translator import DESIGNS, TranslatorConfig
