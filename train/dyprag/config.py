@@ -115,9 +115,10 @@ class PragConfig:
 SCHEDULES = ("cosine", "wsd")
 
 
-def lr_factor(step: int, steps: int, warmup: int, schedule: str = "cosine", decay_share: float = 0.2) -> float:
+def lr_factor(step: int, steps: int, warmup: int, schedule: str = "cosine", decay_share: float = 1.0) -> float:
     """The learning rate at `step` (0-based) of `steps` as a share of the peak: linear warmup, then
-    "cosine" (cosine decay to 0 over all steps) or "wsd" (constant, then linear to 0 over the last decay_share)."""
+    "cosine" (cosine decay to 0 over all steps) or "wsd" (constant, then linear to 0 over the last
+    decay_share of the steps; 1.0 = all of them)."""
     warm = min(1.0, (step + 1) / max(1, warmup))
     if schedule == "cosine":
         return warm * 0.5 * (1 + math.cos(math.pi * min(1.0, step / steps)))
