@@ -473,6 +473,36 @@ def test_learning_rate_schedules():
         load_config(DyPragConfig, None, ["train.decay_share=0"])
 
 
+def test_passage_share_changes_for_the_decay_phase(micro, monkeypatch):
+    """train.p_passage_decay replaces p_passage over the last decay_share of the steps, in the config and in training."""
+    from models.lora import find_lora_targets
+    from train.config import load_config
+    from train.dyprag import train_translator as tt
+    from train.dyprag.config import DyPragConfig
+
+    cfg = load_config(DyPragConfig, None, ["train.steps=10", "train.decay_share=0.2", "train.p_passage=0.1", "train.p_passage_decay=0.5"])
+    assert [cfg.train.passage_share(s) for s in range(10)] == [0.1] * 8 + [0.5] * 2
+    assert {load_config(DyPragConfig, None, ["train.p_passage=0.1"]).train.passage_share(s) for s in range(600)} == {0.1}
+    with pytest.raises(ConfigError, match="p_passage_decay"):
+        load_config(DyPragConfig, None, ["train.p_passage_decay=1.5"])
+
+    tok, model = micro
+    cfg = load_config(DyPragConfig, None, ["train.steps=4", "train.docs_per_step=2", "train.decay_share=0.5", "train.p_passage=0",
+                                           "train.p_passage_decay=1", "translator.hidden=16"])
+    with_passage = []  # per step: how many questions carry the passage
+    real = tt.qa_rows
+
+    def spy(docs, p_passage, per_doc, rng):
+        groups = real(docs, p_passage, per_doc, rng)
+        with_passage.append(sum(len(pairs) for pairs, _, _ in groups if "Passage:" in pairs[0][0]))
+        return groups
+
+    monkeypatch.setattr(tt, "qa_rows", spy)
+    tt.train_translator(model, tok, cfg, cfg.translator, find_lora_targets(model, cfg.lora.target_modules), stream=cat_docs(1), seed=0,
+                        log=lambda r: None)
+    assert with_passage[:2] == [0, 0] and all(n > 0 for n in with_passage[2:]) and len(with_passage) == 4
+
+
 @pytest.mark.parametrize("design", ["cross_attention", "fast_weight"])  # the designs that read every token
 def test_token_level_translator_learns_a_fact_from_the_document(design, micro):
     """Micro-config: the cat documents, a random tiny Llama (word-level tokens) and 100 steps on fresh

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 from moe_playground.models.translator import DESIGNS, TranslatorConfig
 from moe_playground.train.config import check
@@ -141,6 +142,9 @@ class TrainConfig:
     # Share of QA rows that also see the passage in the prompt: a LoRA trained only
     # closed-book was never asked to cooperate with the passage (DyPRAG-Combine).
     p_passage: float = 0.25
+    # the share in the last `decay_share` of the steps (wsd's decay phase) instead; None = p_passage throughout.
+    # The LoRA learns the facts at the peak lr, then to cooperate with the passage while the lr decays
+    p_passage_decay: Optional[float] = None
     # PRAG distillation (DyPRAG's KL 0.01 and MSE 100): need PRAG LoRAs of the training
     # documents, so a fixed pool (data.n_train_docs > 0 or a file source)
     lambda_kl: float = 0.0
@@ -155,10 +159,17 @@ class TrainConfig:
         check(self.questions_per_doc >= 0, f"train.questions_per_doc={self.questions_per_doc} must be >= 0 (0 = all)")
         check(self.lr > 0 and self.warmup >= 0, "train.lr must be > 0 and train.warmup >= 0")
         check(0 <= self.p_passage <= 1, f"train.p_passage={self.p_passage} must be in [0, 1]")
+        check(self.p_passage_decay is None or 0 <= self.p_passage_decay <= 1,
+              f"train.p_passage_decay={self.p_passage_decay} must be in [0, 1], or null for p_passage throughout")
         check(self.schedule in SCHEDULES, f"train.schedule={self.schedule!r} must be one of {SCHEDULES}")
         check(0 < self.decay_share <= 1, f"train.decay_share={self.decay_share} must be in (0, 1]")
         check(self.lambda_kl >= 0 and self.lambda_mse >= 0 and self.lambda_text >= 0, "train.lambda_kl, lambda_mse and lambda_text must be >= 0")
         check(self.log_every >= 1, f"train.log_every={self.log_every} must be >= 1")
+
+    def passage_share(self, step: int) -> float:
+        """The share of questions that carry the passage at `step` (0-based)."""
+        decaying = step >= self.steps - self.decay_share * self.steps
+        return self.p_passage_decay if self.p_passage_decay is not None and decaying else self.p_passage
 
     @property
     def distills(self) -> bool:

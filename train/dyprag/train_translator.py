@@ -9,7 +9,8 @@ learns whatever makes the base model answer, not an imitation of PRAG's LoRAs.
 With `lambda_text`, the language-model loss on the document's own text under its
 LoRA (PRAG's other training examples) is added.
 A share `p_passage` of the questions also carry the passage in the prompt, so the
-generated LoRA learns to cooperate with it (DyPRAG-Combine). Where a fixed pool
+generated LoRA learns to cooperate with it (DyPRAG-Combine); `p_passage_decay` sets
+another share for the last `decay_share` of the steps. Where a fixed pool
 has PRAG LoRAs, DyPRAG's distillation terms (KL to the PRAG model, MSE to its
 LoRA) can be added.
 
@@ -101,7 +102,7 @@ def train_translator(
         generated = translator(h_NSC, mask_NS)
         loss, parts = 0.0, {}
         # closed-book and passage rows are batched apart: padded together, every row would be passage-long
-        for pairs, doc_of_row, share in qa_rows(docs, t.p_passage, t.questions_per_doc, rng):
+        for pairs, doc_of_row, share in qa_rows(docs, t.passage_share(step), t.questions_per_doc, rng):
             targets_rows = expand_per_question(pool_loras, [idx[i] for i in doc_of_row]) if t.distills else None
             part_loss, part = translator_loss(model, expand_per_question(generated, doc_of_row), encode_pairs(tokenizer, pairs, cfg.model.max_len), cfg.lora.scaling,
                                               targets_rows, t.lambda_kl, t.lambda_mse)
