@@ -456,6 +456,32 @@ def test_text_loss_is_added_and_changes_training(micro):
         load_config(DyPragConfig, None, ["train.lambda_text=-1"])
 
 
+def test_bf16_precision_trains_close_to_fp32(micro):
+    """train.precision=bf16 runs the translator's steps under bf16 autocast: not the fp32 numbers, but close to them,
+    with fp32 parameters; an unknown precision is a config error."""
+    from models.lora import find_lora_targets
+    from train.config import load_config
+    from train.dyprag.config import DyPragConfig
+    from train.dyprag.train_translator import train_translator
+
+    tok, model = micro
+    weights, logs = {}, {}
+    for precision in ("fp32", "bf16"):
+        cfg = load_config(DyPragConfig, None, ["train.steps=3", "train.docs_per_step=4", "train.log_every=1", "translator.hidden=16",
+                                               f"train.precision={precision}"])
+        logs[precision] = []
+        translator, _ = train_translator(model, tok, cfg, cfg.translator, find_lora_targets(model, cfg.lora.target_modules), stream=cat_docs(1),
+                                         seed=0, log=logs[precision].append)
+        assert {p.dtype for p in translator.parameters()} == {torch.float32}
+        weights[precision] = torch.cat([p.detach().flatten() for p in translator.parameters()])
+    assert not torch.equal(weights["fp32"], weights["bf16"])
+    assert torch.nn.functional.cosine_similarity(weights["fp32"], weights["bf16"], 0) > 0.999
+    for a, b in zip(logs["fp32"], logs["bf16"]):
+        assert a["lm"] != b["lm"] and b["lm"] == pytest.approx(a["lm"], rel=0.02)
+    with pytest.raises(ConfigError, match="precision='fp16' must be one of"):
+        load_config(DyPragConfig, None, ["train.precision=fp16"])
+
+
 def test_learning_rate_schedules():
     """cosine decays from the end of warmup on; wsd holds the peak until the last decay_share of the steps, then falls linearly to 0."""
     from train.config import load_config

@@ -114,6 +114,7 @@ class PragConfig:
 
 
 SCHEDULES = ("cosine", "wsd")
+PRECISIONS = ("fp32", "bf16")
 
 
 def lr_factor(step: int, steps: int, warmup: int, schedule: str = "cosine", decay_share: float = 1.0) -> float:
@@ -152,6 +153,10 @@ class TrainConfig:
     # PRAG's other examples: weight of the language-model loss on the document's own text (passage or
     # rewrite, one at random per document and step) read closed-book under its generated LoRA
     lambda_text: float = 0.0
+    # "bf16": the translator's steps (the frozen base's forwards, the generator, the loss) run under bf16
+    # autocast, parameters and optimizer stay fp32; on a CPU with avx512_bf16 a SmolLM2 step took 3.0 s instead
+    # of 5.1 (gradient cosine to fp32 0.99997). PRAG, generation and evaluation stay fp32
+    precision: str = "fp32"
     log_every: int = 10
 
     def __post_init__(self):
@@ -164,6 +169,7 @@ class TrainConfig:
         check(self.schedule in SCHEDULES, f"train.schedule={self.schedule!r} must be one of {SCHEDULES}")
         check(0 < self.decay_share <= 1, f"train.decay_share={self.decay_share} must be in (0, 1]")
         check(self.lambda_kl >= 0 and self.lambda_mse >= 0 and self.lambda_text >= 0, "train.lambda_kl, lambda_mse and lambda_text must be >= 0")
+        check(self.precision in PRECISIONS, f"train.precision={self.precision!r} must be one of {PRECISIONS}")
         check(self.log_every >= 1, f"train.log_every={self.log_every} must be >= 1")
 
     def passage_share(self, step: int) -> float:

@@ -285,7 +285,8 @@ def setup_text(cfg: dict, S: Seeds) -> list[str]:
         + (f" + {t['lambda_kl']:g} KL + {t['lambda_mse']:g} MSE to PRAG" if t["lambda_kl"] or t["lambda_mse"] else "")
         + (f" + {t['lambda_text']:g} x LM loss on the document's own text" if t.get("lambda_text") else "")
         + f"; {100 * t['p_passage']:.0f}% of training questions also carry the passage"
-        + (f" ({100 * t['p_passage_decay']:.0f}% over the last {100 * t['decay_share']:.0f}% of the steps)." if t.get("p_passage_decay") is not None else "."),
+        + (f" ({100 * t['p_passage_decay']:.0f}% over the last {100 * t['decay_share']:.0f}% of the steps)" if t.get("p_passage_decay") is not None else "")
+        + ("; steps under bf16 autocast (parameters fp32; PRAG and evaluation fp32)." if t.get("precision") == "bf16" else "."),
         "- EM/F1: SQuAD answer normalization, greedy decoding. \"Seen\" rows are training documents.",
     ]
 

@@ -89,6 +89,8 @@ def train_translator(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, t.steps, t.warmup, t.schedule, t.decay_share))
     batches = pool_batches(pool, t.docs_per_step, seed) if pool is not None else None
     rng = random.Random(seed)
+    # re-entered every step; backward runs outside it, in the dtypes the forward recorded
+    autocast = torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
     t0, seen, window = time.perf_counter(), 0, []
     bar = tqdm(range(t.steps), desc=f"translator ({design.design})", leave=False)
     for step in bar:
@@ -98,22 +100,23 @@ def train_translator(
         else:
             docs = list(islice(stream, t.docs_per_step))
         seen += len(docs)
-        h_NSC, mask_NS = document_states(model, tokenizer, [d.passage for d in docs], layers)
-        generated = translator(h_NSC, mask_NS)
-        loss, parts = 0.0, {}
-        # closed-book and passage rows are batched apart: padded together, every row would be passage-long
-        for pairs, doc_of_row, share in qa_rows(docs, t.passage_share(step), t.questions_per_doc, rng):
-            targets_rows = expand_per_question(pool_loras, [idx[i] for i in doc_of_row]) if t.distills else None
-            part_loss, part = translator_loss(model, expand_per_question(generated, doc_of_row), encode_pairs(tokenizer, pairs, cfg.model.max_len), cfg.lora.scaling,
-                                              targets_rows, t.lambda_kl, t.lambda_mse)
-            loss = loss + share * part_loss
-            parts = {k: parts.get(k, 0.0) + share * v for k, v in part.items()}
-        if t.lambda_text > 0:  # the document's own text, as PRAG trains on it
-            texts = [rng.choice(doc_texts(d)) for d in docs]
-            text_loss, _ = translator_loss(model, generated, encode_pairs(tokenizer, texts, cfg.model.max_len), cfg.lora.scaling)
-            loss = loss + t.lambda_text * text_loss
-            parts["text"] = text_loss.item()
-            parts["loss"] += t.lambda_text * parts["text"]
+        with autocast:
+            h_NSC, mask_NS = document_states(model, tokenizer, [d.passage for d in docs], layers)
+            generated = translator(h_NSC, mask_NS)
+            loss, parts = 0.0, {}
+            # closed-book and passage rows are batched apart: padded together, every row would be passage-long
+            for pairs, doc_of_row, share in qa_rows(docs, t.passage_share(step), t.questions_per_doc, rng):
+                targets_rows = expand_per_question(pool_loras, [idx[i] for i in doc_of_row]) if t.distills else None
+                part_loss, part = translator_loss(model, expand_per_question(generated, doc_of_row), encode_pairs(tokenizer, pairs, cfg.model.max_len),
+                                                  cfg.lora.scaling, targets_rows, t.lambda_kl, t.lambda_mse)
+                loss = loss + share * part_loss
+                parts = {k: parts.get(k, 0.0) + share * v for k, v in part.items()}
+            if t.lambda_text > 0:  # the document's own text, as PRAG trains on it
+                texts = [rng.choice(doc_texts(d)) for d in docs]
+                text_loss, _ = translator_loss(model, generated, encode_pairs(tokenizer, texts, cfg.model.max_len), cfg.lora.scaling)
+                loss = loss + t.lambda_text * text_loss
+                parts["text"] = text_loss.item()
+                parts["loss"] += t.lambda_text * parts["text"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(translator.parameters(), 1.0).item()
