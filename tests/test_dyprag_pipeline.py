@@ -482,6 +482,23 @@ def test_bf16_precision_trains_close_to_fp32(micro):
         load_config(DyPragConfig, None, ["train.precision=fp16"])
 
 
+def test_every_dyprag_config_loads_and_writes_its_own_run_and_page():
+    """Each configs/dyprag file resolves (its base chain, every check) and none shares a run directory or a page
+    with another: a copied config that kept its parent's run_name would resume the parent's run."""
+    from pathlib import Path
+
+    from train.config import load_config
+    from train.dyprag.config import DyPragConfig
+
+    configs = {p.name: load_config(DyPragConfig, p, []) for p in sorted(Path("configs/dyprag").glob("*.yaml"))}
+    assert {"default.yaml", "smollm2.yaml", "smollm2_long.yaml"} <= set(configs)
+    pages = [c.results_out for c in configs.values() if c.results_out]
+    assert len(pages) == len(set(pages))
+    names = [c.run_name for n, c in configs.items() if n != "base.yaml"]
+    assert len(names) == len(set(names)), names
+    assert configs["smollm2_long.yaml"].train.precision == "bf16" and configs["smollm2_long.yaml"].lora == configs["smollm2.yaml"].lora
+
+
 def test_learning_rate_schedules():
     """cosine decays from the end of warmup on; wsd holds the peak until the last decay_share of the steps, then falls linearly to 0."""
     from train.config import load_config
