@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moe_playground.models import moe_kernel
 from moe_playground.models.transformer import SwiGLU
 from moe_playground.models.validate import check
 
@@ -293,23 +294,23 @@ class SlotMap:
 
 
 class TokenRows:
-    """Expert choice's rows: row a copies token token_A[a]; a token has any number of rows (or none).
+    """Expert choice's rows: row n copies token token_N[n]; a token has any number of rows (or none).
     Same interface as SlotMap; combine sums each token's rows with index_add_."""
 
-    def __init__(self, token_A: torch.Tensor, T: int):
-        self.token_A, self.T = token_A, T
+    def __init__(self, token_N: torch.Tensor, T: int):
+        self.token_N, self.T = token_N, T
 
     def dispatch(self, x_TD: torch.Tensor) -> torch.Tensor:
         return _Dispatch.apply(x_TD, self) if needs_grad(x_TD) else self._dispatch(x_TD)
 
-    def combine(self, out_AD: torch.Tensor) -> torch.Tensor:
-        return _Combine.apply(out_AD, self) if needs_grad(out_AD) else self._combine(out_AD)
+    def combine(self, out_ND: torch.Tensor) -> torch.Tensor:
+        return _Combine.apply(out_ND, self) if needs_grad(out_ND) else self._combine(out_ND)
 
     def _dispatch(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return x_TD.index_select(0, self.token_A)
+        return x_TD.index_select(0, self.token_N)
 
-    def _combine(self, out_AD: torch.Tensor) -> torch.Tensor:
-        return out_AD.new_zeros(self.T, out_AD.shape[-1]).index_add_(0, self.token_A, out_AD)
+    def _combine(self, out_ND: torch.Tensor) -> torch.Tensor:
+        return out_ND.new_zeros(self.T, out_ND.shape[-1]).index_add_(0, self.token_N, out_ND)
 
 
 class _Dispatch(torch.autograd.Function):
@@ -441,13 +442,21 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, rows: SlotMap | TokenRows, counts_E: torch.Tensor,
                 weight_A: torch.Tensor, padded: bool = False) -> torch.Tensor:
-        """Experts' outputs on rows.dispatch(x_TD): rows grouped by expert, counts_E[e] rows for
-        expert e, in order; weight_A: combine weights. padded: every expert has the same number
-        of rows (padding rows are zero)."""
-        E, H, D = self.w_down.shape
+        """rows.combine of the experts' outputs on rows.dispatch(x_TD): rows grouped by expert,
+        counts_E[e] rows for expert e, in order; weight_A: combine weights. padded: every expert
+        has the same number of rows (padding rows are zero)."""
         # x_TD comes in the compute dtype (autocast's, if on) and every operand is cast to it,
         # so the output dtype does not depend on which ops autocast happens to list
         w_gate_up, w_down = self.w_gate_up.to(x_TD.dtype), self.w_down.to(x_TD.dtype)
+        if not padded and self.dispatch in ("grouped_mm", "auto") and moe_kernel.usable(x_TD):
+            return moe_kernel.fused_experts(x_TD, w_gate_up, w_down, weight_A.to(x_TD.dtype), rows.token_N,
+                                            counts_E.cumsum(0), rows._combine)
+        return rows.combine(self.rows_out(x_TD, w_gate_up, w_down, rows, counts_E, weight_A, padded))
+
+    def rows_out(self, x_TD: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, rows: SlotMap | TokenRows,
+                 counts_E: torch.Tensor, weight_A: torch.Tensor, padded: bool) -> torch.Tensor:
+        """forward's rows before the combine, without the fused kernel."""
+        E, H, D = self.w_down.shape
         weight_A1 = weight_A.to(x_TD.dtype).unsqueeze(-1)
         if padded:  # (E*M, D) -> (E, M, D): one batched matmul per projection
             x_EMD = rows.dispatch(x_TD).view(E, -1, D)
@@ -898,7 +907,7 @@ class MoE(nn.Module):
         else:  # expert choice: a token can reach any number of experts; every group has the same size
             counts_E, slots, weight_N = plan.counts_E, TokenRows(plan.token_A, T), plan.weight_A
             padded = self.experts.wants_padding(counts_E, xe_TD.dtype)
-        return slots.combine(self.experts(xe_TD, slots, counts_E, weight_N, padded)), plan
+        return self.experts(xe_TD, slots, counts_E, weight_N, padded), plan
 
     def few_tokens(self, xe_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, Dispatch]:
         """Inference on a handful of tokens (sampling): RoutedExperts.few_tokens, and a plan with only the counts."""

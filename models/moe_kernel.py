@@ -1,0 +1,78 @@
+"""The fused CPU kernel of the routed experts (csrc/moe_experts.cpp), and its autograd.
+
+On CPU, F.grouped_mm is a loop of matmuls over experts, each one split over all threads, with
+the dispatch gather, the SwiGLU and its combine weight as separate passes over (N, D) and (N, H)
+tensors that no longer fit in cache. The kernel instead splits the rows evenly over the threads;
+each thread takes its rows a block at a time (one expert, at most BLOCK_ROWS rows), gathers the
+block's tokens, and runs gate/up, SwiGLU and down on it single-threaded while it is in cache.
+Backward does the same per block and adds each expert's weight gradient up over its blocks.
+
+It is built on first use with torch.utils.cpp_extension (a C++ compiler and ninja; about 20 s,
+then cached under TORCH_EXTENSIONS_DIR). Where it cannot be built, or with
+MOE_PLAYGROUND_KERNEL=0, `kernel()` is None, says why once, and the layer runs F.grouped_mm.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "moe_experts.cpp"
+BLOCK_ROWS = 1024  # rows per block; measured on the benchmark configs: 512 and up alike, 256 and below slower
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+@functools.cache
+def kernel():
+    """torch.ops.moe_playground once the extension is built and loaded, or None (with one warning
+    saying why) where it cannot be built."""
+    if os.environ.get("MOE_PLAYGROUND_KERNEL", "1") == "0":
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+        load("moe_playground_experts", [str(SOURCE)], extra_cflags=["-O3"], is_python_module=False, verbose=False)
+        return torch.ops.moe_playground
+    except Exception as e:  # no compiler, no ninja, a failed build: the grouped_mm path still works
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        warnings.warn(f"the fused MoE expert kernel could not be built ({reason}); routed experts run "
+                      f"F.grouped_mm instead (slower on CPU). Set MOE_PLAYGROUND_KERNEL=0 to skip the build.")
+        return None
+
+
+def usable(x_TD: torch.Tensor) -> bool:
+    """The kernel runs CPU tensors of DTYPES outside torch.compile, once it has been built."""
+    return (x_TD.device.type == "cpu" and x_TD.dtype in DTYPES and not torch.compiler.is_compiling()
+            and kernel() is not None)
+
+
+def fused_experts(x_TD: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, weight_N: torch.Tensor,
+                  token_N: torch.Tensor, ends_E: torch.Tensor, combine) -> torch.Tensor:
+    """combine(out_ND), out_ND[n] = weight_N[n] * SwiGLU_e(x_TD[token_N[n]]) for the expert e that
+    owns row n (rows grouped by expert, ends_E[e] the end of e's rows; token T: a zero row).
+    combine sums each token's rows, (N, D) -> (T, D); its adjoint is the gather by token_N."""
+    x_TD, w_gate_up, w_down, weight_N = (t.contiguous() for t in (x_TD, w_gate_up, w_down, weight_N))
+    token_N, ends_E = token_N.to(torch.int64).contiguous(), ends_E.to(torch.int64).contiguous()
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, w_gate_up, w_down, weight_N)):
+        return _FusedExperts.apply(x_TD, w_gate_up, w_down, weight_N, token_N, ends_E, combine)
+    out_ND, _ = kernel().experts_forward(x_TD, token_N, ends_E, w_gate_up, w_down, weight_N, False, BLOCK_ROWS)
+    return combine(out_ND)
+
+
+class _FusedExperts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TD, w_gate_up, w_down, weight_N, token_N, ends_E, combine):
+        out_ND, gate_up_NH2 = kernel().experts_forward(x_TD, token_N, ends_E, w_gate_up, w_down, weight_N,
+                                                       True, BLOCK_ROWS)
+        ctx.save_for_backward(x_TD, w_gate_up, w_down, weight_N, token_N, ends_E, gate_up_NH2)
+        ctx.combine = combine
+        return combine(out_ND)
+
+    @staticmethod
+    def backward(ctx, g_TD):
+        x_TD, w_gate_up, w_down, weight_N, token_N, ends_E, gate_up_NH2 = ctx.saved_tensors
+        d_x_ND, d_w_gate_up, d_w_down, d_weight_N = kernel().experts_backward(
+            g_TD.contiguous(), x_TD, token_N, ends_E, w_gate_up, w_down, weight_N, gate_up_NH2, BLOCK_ROWS)
+        return ctx.combine(d_x_ND), d_w_gate_up, d_w_down, d_weight_N, None, None, None
