@@ -8,7 +8,10 @@ the median. Three sections:
 
 headline  forward+backward at --tokens tokens on two configs (fine: 64 x 128, top-6, 2 shared;
           coarse: 8 x 512, top-2):
-            moe           this layer as configured by default (dispatch="grouped_mm")
+            moe           this layer as configured by default (dispatch="fused": the CPU kernel
+                          of models/moe_kernel.py)
+            moe_grouped   this layer with dispatch="grouped_mm" (F.grouped_mm, what "fused" falls
+                          back to where the kernel cannot run)
             moe_auto      this layer with dispatch="auto"
             dense_floor   models.transformer.SwiGLU with the same active FLOPs per token (what no
                           sparse layer can beat), with the same cat-free activation backward
@@ -17,6 +20,8 @@ headline  forward+backward at --tokens tokens on two configs (fine: 64 x 128, to
                           token-expert pair, so it is skipped, and said so, above --max-gib
           with each one's peak memory: the high-water mark of tensor storage created during one
           forward+backward (tracked op by op with a dispatch mode), above what was live before.
+          The fused kernel's outputs are counted; its per-thread block buffers are not (at most
+          threads x 1024 rows x (2D + 5H) values, plus two experts' weight gradients per thread).
 latency   sampling-sized batches (T in 1, 4, 8, 64), forward only, eval mode, no grad: moe and
           moe_auto against the dense floor on both configs; `plan` is moe with the few-token path
           off (RoutedExperts.few_tokens_max = 0: every batch through the dispatch plan). T tokens
@@ -72,7 +77,7 @@ TARGET_ROWS_PER_EXPERT, TARGET_EFFICIENCY = 64, 0.9
 
 def build(name: str, cfg: MoEConfig) -> nn.Module:
     if name.startswith("moe"):
-        dispatch = {"moe": "grouped_mm", "moe_plan": "grouped_mm", "moe_auto": "auto"}[name]
+        dispatch = {"moe": "fused", "moe_plan": "fused", "moe_grouped": "grouped_mm", "moe_auto": "auto"}[name]
         return MoE(MoEConfig(**{**cfg.__dict__, "dispatch": dispatch}))
     if name.startswith("dense"):
         return SwiGLU(cfg.d_model, cfg.experts_per_token * cfg.hidden_per_expert + cfg.shared_hidden)
@@ -150,7 +155,7 @@ def peak_bytes(model: nn.Module, x: torch.Tensor, g: torch.Tensor) -> int:
 
 
 def headline(args, summary: dict) -> None:
-    candidates = ["moe", "moe_auto", "dense_floor"] + [f"hf_{i}" for i in HF_IMPLS]
+    candidates = ["moe", "moe_grouped", "moe_auto", "dense_floor"] + [f"hf_{i}" for i in HF_IMPLS]
     rows, skipped = [], []
     for cname in args.configs:
         cfg = MoEConfig(**CONFIGS[cname])
@@ -171,6 +176,7 @@ def headline(args, summary: dict) -> None:
         hf_best = min((n for n in todo if n.startswith("hf_")), key=med.get)
         summary[cname] = {
             "moe_over_dense": round(med["moe"] / med["dense_floor"], 3),
+            "moe_grouped_over_dense": round(med["moe_grouped"] / med["dense_floor"], 3),
             "moe_auto_over_dense": round(med["moe_auto"] / med["dense_floor"], 3),
             "moe_over_hf_best": round(med["moe"] / med[hf_best], 3),
             "hf_best": hf_best,

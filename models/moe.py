@@ -35,7 +35,8 @@ from moe_playground.models.validate import check
 
 SCORE_FUNCS = ("softmax", "sigmoid")
 ROUTINGS = ("token_choice", "expert_choice")
-DISPATCHES = ("grouped_mm", "auto", "padded_bmm", "loop")
+DISPATCHES = ("fused", "grouped_mm", "auto", "padded_bmm", "loop")
+DISPATCHES_GROUPED = ("fused", "grouped_mm", "auto")  # run F.grouped_mm where the fused kernel does not
 DROP_POLICIES = ("score", "position")
 BALANCE_SCOPES = ("micro_batch", "global")
 
@@ -109,16 +110,17 @@ class MoEConfig:
     # capacity in eval mode: None = dropless evaluation; a factor (Switch's eval capacity) keeps
     # that many per expert, e.g. the training capacity_factor to evaluate as trained
     eval_capacity_factor: Optional[float] = None
-    # how the experts run on their tokens: "grouped_mm" (one grouped matmul per
-    # projection), "padded_bmm" (every expert's group padded to the largest, one
-    # bmm), "auto" (padded_bmm while padding adds <= 25% rows, else grouped_mm),
-    # "loop" (a Python loop over experts). grouped_mm is fastest on a quiet CPU;
-    # on an oversubscribed one it pays a thread sync per expert and per matmul,
-    # while one bmm pays it once, so "auto" can be the better choice there (or set
-    # OMP_WAIT_POLICY=PASSIVE, see benchmarks/moe_layer.py). Under torch.compile,
+    # how the experts run on their tokens: "fused" (the CPU kernel of models/moe_kernel.py:
+    # gather, gate/up, SwiGLU and down per block of rows in cache, rows split over threads;
+    # grouped_mm where it does not run: other devices and dtypes, torch.compile, no compiler),
+    # "grouped_mm" (F.grouped_mm, one grouped matmul per projection), "padded_bmm" (every
+    # expert's group padded to the largest, one bmm), "auto" (padded_bmm while padding adds
+    # <= 25% rows, else fused), "loop" (a Python loop over experts). On an oversubscribed CPU,
+    # grouped_mm pays a thread sync per expert and per matmul, while one bmm or the kernel pays it
+    # once (or set OMP_WAIT_POLICY=PASSIVE, see benchmarks/moe_layer.py). Under torch.compile,
     # grouped_mm runs only in bf16; other dtypes fall back to padded_bmm. Inference with
     # fewer rows than experts loops over the experts that have rows, whatever the dispatch.
-    dispatch: str = "grouped_mm"
+    dispatch: str = "fused"
     init_std: float = 0.02  # normal init of the router and every expert weight
 
     def __post_init__(self):
@@ -413,8 +415,7 @@ class RoutedExperts(nn.Module):
 
     def uses_grouped_mm(self, x_AD: torch.Tensor) -> bool:
         """grouped_mm on CPU takes fp32/bf16/fp16 and needs every row 16-byte aligned."""
-        if self.dispatch not in ("grouped_mm", "auto") or x_AD.dtype not in (torch.float32, torch.bfloat16,
-                                                                             torch.float16):
+        if self.dispatch not in DISPATCHES_GROUPED or x_AD.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return False
         if self.compile_fallback(x_AD.dtype):
             return False
@@ -422,15 +423,16 @@ class RoutedExperts(nn.Module):
         return all(n * x_AD.element_size() % 16 == 0 for n in (x_AD.shape[1], H, 2 * H))
 
     def compile_fallback(self, dtype: torch.dtype) -> bool:
-        """Under torch.compile, grouped_mm's fake-tensor check takes bf16 only: other dtypes run
-        padded_bmm instead (one warning)."""
-        if self.dispatch not in ("grouped_mm", "auto") or dtype == torch.bfloat16 \
+        """Under torch.compile the fused kernel does not run, and grouped_mm's fake-tensor check takes
+        bf16 only: other dtypes run padded_bmm instead (one warning)."""
+        if self.dispatch not in DISPATCHES_GROUPED or dtype == torch.bfloat16 \
                 or not torch.compiler.is_compiling():
             return False
         if not RoutedExperts.warned_compile:
             RoutedExperts.warned_compile = True
-            warnings.warn(f"MoE dispatch={self.dispatch!r} under torch.compile: grouped_mm compiles only in "
-                          f"bf16, so the {dtype} experts run dispatch='padded_bmm' (same results)")
+            warnings.warn(f"MoE dispatch={self.dispatch!r} under torch.compile: the fused kernel does not compile "
+                          f"and grouped_mm compiles only in bf16, so the {dtype} experts run "
+                          f"dispatch='padded_bmm' (same results)")
         return True
 
     warned_compile = False
@@ -448,7 +450,7 @@ class RoutedExperts(nn.Module):
         # x_TD comes in the compute dtype (autocast's, if on) and every operand is cast to it,
         # so the output dtype does not depend on which ops autocast happens to list
         w_gate_up, w_down = self.w_gate_up.to(x_TD.dtype), self.w_down.to(x_TD.dtype)
-        if not padded and self.dispatch in ("grouped_mm", "auto") and moe_kernel.usable(x_TD):
+        if not padded and self.dispatch in ("fused", "auto") and moe_kernel.usable(x_TD):
             return moe_kernel.fused_experts(x_TD, w_gate_up, w_down, weight_A.to(x_TD.dtype), rows.token_N,
                                             counts_E.cumsum(0), rows._combine)
         return rows.combine(self.rows_out(x_TD, w_gate_up, w_down, rows, counts_E, weight_A, padded))

@@ -22,7 +22,7 @@ import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "moe_experts.cpp"
 BLOCK_ROWS = 1024  # rows per block; measured on the benchmark configs: 512 and up alike, 256 and below slower
-DTYPES = (torch.float32, torch.bfloat16)
+DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 
 
 @functools.cache
@@ -33,7 +33,11 @@ def kernel():
         return None
     try:
         from torch.utils.cpp_extension import load
-        load("moe_playground_experts", [str(SOURCE)], extra_cflags=["-O3"], is_python_module=False, verbose=False)
+        # ATen's parallel_for is a header-inlined `#pragma omp parallel` when torch runs on OpenMP:
+        # without -fopenmp it silently runs every thread's share on one thread
+        openmp = ["-fopenmp"] if torch._C.has_openmp else []
+        load("moe_playground_experts", [str(SOURCE)], extra_cflags=["-O3", *openmp], extra_ldflags=openmp,
+             is_python_module=False, verbose=False)
         return torch.ops.moe_playground
     except Exception as e:  # no compiler, no ninja, a failed build: the grouped_mm path still works
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -141,7 +141,7 @@ def test_compiled_lm_with_moe_matches_eager(monkeypatch):
     cfg = load_config(LMRunConfig, ROOT / "configs/lm/tiny.yaml",
                       ["model.ffn=moe", "moe.n_routed_experts=4", "moe.expert_hidden=32", "moe.top_k=2",
                        "moe.n_shared_experts=1", "moe.balance_alpha=0.01", "moe.z_loss_coef=0.001"])
-    assert cfg.moe.dispatch == "grouped_mm"
+    assert cfg.moe.dispatch == "fused"
     torch.manual_seed(0)
     model = build_model(cfg)
     idx = torch.randint(cfg.model.vocab_size, (2, 16))

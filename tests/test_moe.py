@@ -211,7 +211,7 @@ def moe_cases(draw):
         capacity_factor=capacity_factor,
         eval_capacity_factor=capacity_factor,  # the reference runs in eval mode: keep the training capacity
         drop_policy=draw(st.sampled_from(["score", "position"])),
-        dispatch=draw(st.sampled_from(["grouped_mm", "grouped_mm", "padded_bmm", "auto", "loop"])),
+        dispatch=draw(st.sampled_from(["fused", "fused", "grouped_mm", "padded_bmm", "auto", "loop"])),
         init_std=0.3,
     )
     shape = (draw(st.integers(1, 3)), draw(st.integers(1, 8)))
@@ -386,7 +386,7 @@ def test_eval_capacity():
             assert drop > moe.train()(x)[1].drop_fraction
 
 
-@pytest.mark.parametrize("dispatch", ["loop", "padded_bmm"])
+@pytest.mark.parametrize("dispatch", ["loop", "padded_bmm", "fused"])
 def test_gradcheck_float64(dispatch):
     cfg = MoEConfig(d_model=4, n_routed_experts=4, expert_hidden=6, top_k=2, n_shared_experts=1, shared_gate=True,
                     score_func="sigmoid", norm_topk=True, capacity_factor=0.75, dispatch=dispatch, balance_alpha=0.1,
@@ -405,12 +405,12 @@ def test_gradcheck_float64(dispatch):
     assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("dispatch", ["grouped_mm", "padded_bmm"])
+@pytest.mark.parametrize("dispatch", ["fused", "grouped_mm", "padded_bmm"])
 def test_backward_from_sum(dispatch):
     """grouped_mm rejects a stride-0 incoming gradient; y.sum().backward() must still work."""
     moe = MoE(MoEConfig(d_model=16, n_routed_experts=4, expert_hidden=16, top_k=2, dispatch=dispatch))
     x = torch.randn(2, 8, 16, requires_grad=True)
-    assert moe.experts.uses_grouped_mm(x.view(-1, 16)) == (dispatch == "grouped_mm")
+    assert moe.experts.uses_grouped_mm(x.view(-1, 16)) == (dispatch != "padded_bmm")
     moe(x)[0].sum().backward()
     assert x.grad is not None and moe.experts.w_gate_up.grad.abs().sum() > 0
 

@@ -50,6 +50,7 @@ int64_t n_parts(int64_t N) { return std::max<int64_t>(1, std::min<int64_t>(at::g
 std::vector<Tensor> experts_forward(const Tensor& x_TD, const Tensor& token_N, const Tensor& ends_E,
                                     const Tensor& w_gate_up, const Tensor& w_down, const Tensor& weight_N,
                                     bool save_gate_up, int64_t R) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // the autograd.Function in moe_kernel.py owns autograd
   const int64_t N = token_N.size(0), E = ends_E.size(0), D = x_TD.size(1), H = w_down.size(1);
   const int64_t* token = token_N.data_ptr<int64_t>();
   const int64_t* ends = ends_E.data_ptr<int64_t>();
@@ -57,6 +58,7 @@ std::vector<Tensor> experts_forward(const Tensor& x_TD, const Tensor& token_N, c
   Tensor gate_up_NH2 = save_gate_up ? at::empty({N, 2 * H}, x_TD.options()) : Tensor();
   const int64_t P = n_parts(N);
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // per thread: worker threads start with grad mode on
     Tensor x_RD = at::empty({R, D}, x_TD.options()), gu_RH2 = at::empty({R, 2 * H}, x_TD.options());
     Tensor h_RH = at::empty({R, H}, x_TD.options());
     for (int64_t p = p0; p < p1; ++p) {
@@ -82,6 +84,7 @@ std::vector<Tensor> experts_forward(const Tensor& x_TD, const Tensor& token_N, c
 std::vector<Tensor> experts_backward(const Tensor& g_TD, const Tensor& x_TD, const Tensor& token_N,
                                      const Tensor& ends_E, const Tensor& w_gate_up, const Tensor& w_down,
                                      const Tensor& weight_N, const Tensor& gate_up_NH2, int64_t R) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // the autograd.Function in moe_kernel.py owns autograd
   const int64_t N = token_N.size(0), E = ends_E.size(0), D = x_TD.size(1), H = w_down.size(1);
   const int64_t* token = token_N.data_ptr<int64_t>();
   const int64_t* ends = ends_E.data_ptr<int64_t>();
@@ -92,6 +95,7 @@ std::vector<Tensor> experts_backward(const Tensor& g_TD, const Tensor& x_TD, con
   // partial[p]: expert -> its (d_w_gate_up, d_w_down) over thread p's rows, for shared experts
   std::vector<std::map<int64_t, std::pair<Tensor, Tensor>>> partial(P);
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     Tensor g_RD = at::empty({R, D}, opt), x_RD = at::empty({R, D}, opt);
     Tensor act_RH = at::empty({R, H}, opt), d_h_RH = at::empty({R, H}, opt), d_gu_RH2 = at::empty({R, 2 * H}, opt);
     for (int64_t p = p0; p < p1; ++p) {
