@@ -12,7 +12,8 @@ headline  forward+backward at --tokens tokens on two configs (fine: 64 x 128, to
                           of models/moe_kernel.py)
             moe_grouped   this layer with dispatch="grouped_mm" (F.grouped_mm, what "fused" falls
                           back to where the kernel cannot run)
-            moe_auto      this layer with dispatch="auto"
+            moe_padded    this layer with dispatch="padded_bmm" (dispatch="auto" runs the kernel
+                          where it can, so it times as moe)
             dense_floor   models.transformer.SwiGLU with the same active FLOPs per token (what no
                           sparse layer can beat), with the same cat-free activation backward
             hf_<impl>     transformers' Qwen2MoeSparseMoeBlock under each experts implementation;
@@ -23,7 +24,7 @@ headline  forward+backward at --tokens tokens on two configs (fine: 64 x 128, to
           The fused kernel's outputs are counted; its per-thread block buffers are not (at most
           threads x 1024 rows x (2D + 5H) values, plus two experts' weight gradients per thread).
 latency   sampling-sized batches (T in 1, 4, 8, 64), forward only, eval mode, no grad: moe and
-          moe_auto against the dense floor on both configs; `plan` is moe with the few-token path
+          moe_grouped against the dense floor on both configs; `plan` is moe with the few-token path
           off (RoutedExperts.few_tokens_max = 0: every batch through the dispatch plan). T tokens
           reach up to T*k distinct experts, so the MoE must read more weight bytes than the dense
           floor: column `bytes` is that ratio (router, shared experts and every expert chosen at
@@ -77,7 +78,7 @@ TARGET_ROWS_PER_EXPERT, TARGET_EFFICIENCY = 64, 0.9
 
 def build(name: str, cfg: MoEConfig) -> nn.Module:
     if name.startswith("moe"):
-        dispatch = {"moe": "fused", "moe_plan": "fused", "moe_grouped": "grouped_mm", "moe_auto": "auto"}[name]
+        dispatch = {"moe": "fused", "moe_plan": "fused", "moe_grouped": "grouped_mm", "moe_padded": "padded_bmm"}[name]
         return MoE(MoEConfig(**{**cfg.__dict__, "dispatch": dispatch}))
     if name.startswith("dense"):
         return SwiGLU(cfg.d_model, cfg.experts_per_token * cfg.hidden_per_expert + cfg.shared_hidden)
@@ -155,7 +156,7 @@ def peak_bytes(model: nn.Module, x: torch.Tensor, g: torch.Tensor) -> int:
 
 
 def headline(args, summary: dict) -> None:
-    candidates = ["moe", "moe_grouped", "moe_auto", "dense_floor"] + [f"hf_{i}" for i in HF_IMPLS]
+    candidates = ["moe", "moe_grouped", "moe_padded", "dense_floor"] + [f"hf_{i}" for i in HF_IMPLS]
     rows, skipped = [], []
     for cname in args.configs:
         cfg = MoEConfig(**CONFIGS[cname])
@@ -177,7 +178,7 @@ def headline(args, summary: dict) -> None:
         summary[cname] = {
             "moe_over_dense": round(med["moe"] / med["dense_floor"], 3),
             "moe_grouped_over_dense": round(med["moe_grouped"] / med["dense_floor"], 3),
-            "moe_auto_over_dense": round(med["moe_auto"] / med["dense_floor"], 3),
+            "moe_padded_over_dense": round(med["moe_padded"] / med["dense_floor"], 3),
             "moe_over_hf_best": round(med["moe"] / med[hf_best], 3),
             "hf_best": hf_best,
             "moe_peak_over_dense": round(peak["moe"] / peak["dense_floor"], 3),
@@ -202,12 +203,12 @@ def weight_bytes_ratio(moe: MoE, dense: nn.Module, x: torch.Tensor) -> float:
 
 def latency(args, summary: dict) -> None:
     print(f"\n## latency: forward only, eval, no grad (sampling); median of {args.repeats} rounds")
-    print(f"{'config':8s} {'T':>4s} {'moe us':>9s} {'auto us':>9s} {'plan us':>9s} {'dense us':>9s} {'moe/dense':>10s} "
-          f"{'auto/dense':>11s} {'plan/dense':>11s} {'bytes':>6s}")
+    print(f"{'config':8s} {'T':>4s} {'moe us':>9s} {'grouped us':>10s} {'plan us':>9s} {'dense us':>9s} {'moe/dense':>10s} "
+          f"{'grouped/dense':>13s} {'plan/dense':>11s} {'bytes':>6s}")
     for cname in args.configs:
         cfg = MoEConfig(**CONFIGS[cname])
         torch.manual_seed(0)
-        models = {n: build(n, cfg).eval() for n in ("moe", "moe_auto", "moe_plan", "dense_floor")}
+        models = {n: build(n, cfg).eval() for n in ("moe", "moe_grouped", "moe_plan", "dense_floor")}
         models["moe_plan"].load_state_dict(models["moe"].state_dict())
         models["moe_plan"].experts.few_tokens_max = 0
         for T in LATENCY_TOKENS:
@@ -217,10 +218,10 @@ def latency(args, summary: dict) -> None:
                 models["moe"](x)
                 inner = max(1, int(0.02 / max(time.perf_counter() - t0, 1e-6)))  # ~20 ms per timing
                 med = median_ms(interleaved({n: (lambda m=m: m(x)) for n, m in models.items()}, args.repeats, inner))
-            r, ra, rp = (med[n] / med["dense_floor"] for n in ("moe", "moe_auto", "moe_plan"))
+            r, ra, rp = (med[n] / med["dense_floor"] for n in ("moe", "moe_grouped", "moe_plan"))
             floor = weight_bytes_ratio(models["moe"], models["dense_floor"], x)
-            print(f"{cname:8s} {T:4d} {med['moe'] * 1e3:9.1f} {med['moe_auto'] * 1e3:9.1f} {med['moe_plan'] * 1e3:9.1f} "
-                  f"{med['dense_floor'] * 1e3:9.1f} {r:10.2f} {ra:11.2f} {rp:11.2f} {floor:6.2f}")
+            print(f"{cname:8s} {T:4d} {med['moe'] * 1e3:9.1f} {med['moe_grouped'] * 1e3:10.1f} {med['moe_plan'] * 1e3:9.1f} "
+                  f"{med['dense_floor'] * 1e3:9.1f} {r:10.2f} {ra:13.2f} {rp:11.2f} {floor:6.2f}")
             summary.setdefault(f"latency_{cname}", {})[f"T{T}"] = round(r, 3)
             summary[f"latency_{cname}"][f"T{T}_plan"] = round(rp, 3)
             summary[f"latency_{cname}"][f"T{T}_weight_bytes"] = round(floor, 2)

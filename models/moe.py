@@ -114,8 +114,8 @@ class MoEConfig:
     # gather, gate/up, SwiGLU and down per block of rows in cache, rows split over threads;
     # grouped_mm where it does not run: other devices and dtypes, torch.compile, no compiler),
     # "grouped_mm" (F.grouped_mm, one grouped matmul per projection), "padded_bmm" (every
-    # expert's group padded to the largest, one bmm), "auto" (padded_bmm while padding adds
-    # <= 25% rows, else fused), "loop" (a Python loop over experts). On an oversubscribed CPU,
+    # expert's group padded to the largest, one bmm), "auto" (fused where the kernel runs, else
+    # padded_bmm while padding adds <= 25% rows, else grouped_mm), "loop" (a Python loop over experts). On an oversubscribed CPU,
     # grouped_mm pays a thread sync per expert and per matmul, while one bmm or the kernel pays it
     # once (or set OMP_WAIT_POLICY=PASSIVE, see benchmarks/moe_layer.py). Under torch.compile,
     # grouped_mm runs only in bf16; other dtypes fall back to padded_bmm. Inference with
@@ -437,10 +437,13 @@ class RoutedExperts(nn.Module):
 
     warned_compile = False
 
-    def wants_padding(self, counts_E: torch.Tensor, dtype: torch.dtype = torch.float32) -> bool:
-        if self.dispatch == "padded_bmm" or self.compile_fallback(dtype):
+    def wants_padding(self, counts_E: torch.Tensor, x_TD: torch.Tensor) -> bool:
+        if self.dispatch == "padded_bmm" or self.compile_fallback(x_TD.dtype):
             return True
-        return self.dispatch == "auto" and counts_E.numel() * counts_E.max().item() <= 1.25 * counts_E.sum().item()
+        # auto pads only where the fused kernel cannot run: it beats padding even under uniform
+        # routing (benchmarks/moe_layer.py headline, moe vs moe_auto)
+        return self.dispatch == "auto" and not moe_kernel.usable(x_TD) \
+            and counts_E.numel() * counts_E.max().item() <= 1.25 * counts_E.sum().item()
 
     def forward(self, x_TD: torch.Tensor, rows: SlotMap | TokenRows, counts_E: torch.Tensor,
                 weight_A: torch.Tensor, padded: bool = False) -> torch.Tensor:
@@ -897,7 +900,7 @@ class MoE(nn.Module):
         # gather -> experts -> weighted sum back to the tokens
         if plan.slot_A is not None:  # token choice
             counts_E, row_A = plan.counts_E, torch.arange(plan.slot_A.numel(), device=xe_TD.device)
-            padded = self.experts.wants_padding(counts_E, xe_TD.dtype)
+            padded = self.experts.wants_padding(counts_E, xe_TD)
             if padded:  # every expert's group padded with zero rows to the largest, M
                 E, M = counts_E.numel(), int(counts_E.max())
                 expert_A = torch.repeat_interleave(torch.arange(E, device=xe_TD.device), counts_E)
@@ -908,7 +911,7 @@ class MoE(nn.Module):
             weight_N = plan.weight_A.new_zeros(n_rows).index_copy(0, row_A, plan.weight_A) if padded else plan.weight_A
         else:  # expert choice: a token can reach any number of experts; every group has the same size
             counts_E, slots, weight_N = plan.counts_E, TokenRows(plan.token_A, T), plan.weight_A
-            padded = self.experts.wants_padding(counts_E, xe_TD.dtype)
+            padded = self.experts.wants_padding(counts_E, xe_TD)
         return self.experts(xe_TD, slots, counts_E, weight_N, padded), plan
 
     def few_tokens(self, xe_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, Dispatch]:

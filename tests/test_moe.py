@@ -30,6 +30,7 @@ from hypothesis import given, settings, strategies as st
 from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
+from models import moe_kernel
 from models.moe import MoE, MoEConfig, RoutedExperts, token_choice_dispatch
 from models.transformer import SwiGLU
 
@@ -471,10 +472,13 @@ def test_few_tokens_path_matches_planned_path(score_func, monkeypatch):
         torch.testing.assert_close(y_few, moe(x)[0], atol=1e-6, rtol=1e-6)  # and the training (autograd) path
 
 
-def test_auto_dispatch_pads_only_when_cheap():
+def test_auto_dispatch_pads_only_when_cheap(monkeypatch):
     experts = MoE(MoEConfig(d_model=16, n_routed_experts=4, expert_hidden=16, top_k=1, dispatch="auto")).experts
-    assert experts.wants_padding(torch.tensor([10, 12, 11, 11]))  # 48 rows padded from 44: +9%
-    assert not experts.wants_padding(torch.tensor([30, 4, 5, 5]))  # 120 rows from 44: grouped_mm
+    x = torch.randn(44, 16)
+    assert moe_kernel.usable(x) and not experts.wants_padding(torch.tensor([10, 12, 11, 11]), x)  # the kernel
+    monkeypatch.setattr(moe_kernel, "usable", lambda x_TD: False)  # where it cannot run:
+    assert experts.wants_padding(torch.tensor([10, 12, 11, 11]), x)  # 48 rows padded from 44: +9%
+    assert not experts.wants_padding(torch.tensor([30, 4, 5, 5]), x)  # 120 rows from 44: grouped_mm
 
 
 def test_router_runs_in_fp32_under_bf16():
