@@ -490,7 +490,9 @@ class RoutedExperts(nn.Module):
     # would still visit them all); measured crossover on CPU, benchmarks/moe_layer.py latency section
     loop_below_rows_per_expert = 1.0
     # inference on at most this many tokens skips the dispatch plan: few_tokens (sampling's batches)
-    few_tokens_max = 4  # measured: 13% faster than the plan at 4 tokens on the fine config, slower at 8
+    # measured (through the fused kernel's plan): at 1 token 17% faster than the plan on the fine config
+    # and 11% on the coarse one; even at 2 tokens, slower from 3
+    few_tokens_max = 1
 
     def few_tokens(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Tensor) -> torch.Tensor:
         """forward's result, without grad, for a handful of tokens straight from the router's choices:
