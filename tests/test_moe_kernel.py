@@ -123,3 +123,28 @@ def test_fused_falls_back_to_grouped_mm_when_the_kernel_cannot_build(monkeypatch
         assert moe.experts.w_gate_up.grad.abs().sum() > 0
     finally:
         moe_kernel.kernel.cache_clear()  # the next caller builds (loads from cache) again
+
+
+def test_kernel_ops_reject_bad_row_maps_before_any_work():
+    """The ops are public (torch.ops.moe_playground.*): a row map that would read or write out of
+    bounds is an error naming the argument, not a crash."""
+    ops = moe_kernel.kernel()
+    T, D, H, E = 5, 8, 4, 3
+    x, w_gu, w_dn = torch.randn(T, D), torch.randn(E, D, 2 * H), torch.randn(E, H, D)
+    token, ends, weight = torch.tensor([0, 1, 2, 3, 4, 5]), torch.tensor([2, 4, 6]), torch.rand(6)
+    ops.experts_forward(x, token, ends, w_gu, w_dn, weight, False, 4)  # token 5 = T: a zero row, allowed
+    bad = {
+        "token_N values must be tokens in \\[0, T\\]": dict(token=torch.tensor([0, 1, 2, 3, 4, 6])),
+        "token_N values": dict(token=torch.tensor([0, 1, -1, 3, 4, 5])),
+        "ends_E must be non-decreasing": dict(ends=torch.tensor([4, 2, 6])),
+        "ends_E\\[-1\\] must equal the number of rows": dict(ends=torch.tensor([2, 4, 7])),
+        "ends_E must be a contiguous int64 tensor of E = 3": dict(ends=torch.tensor([2, 6])),
+        "expert weights must be": dict(w_dn=torch.randn(E, H + 1, D)),
+        "weights must be contiguous, on x_TD's device and of its dtype": dict(weight=torch.rand(6).double()),
+        "R \\(rows per block\\) must be >= 1": dict(R=0),
+    }
+    for message, change in bad.items():
+        args = dict(x=x, token=token, ends=ends, w_gu=w_gu, w_dn=w_dn, weight=weight, R=4) | change
+        with pytest.raises(RuntimeError, match=message):
+            ops.experts_forward(args["x"], args["token"], args["ends"], args["w_gu"], args["w_dn"], args["weight"],
+                                False, args["R"])

@@ -42,6 +42,36 @@ void gather(const Tensor& src_TD, const int64_t* token, int64_t lo, int64_t hi, 
   }
 }
 
+// The ops are public (torch.ops.moe_playground.*): a bad row map would read or write out of
+// bounds, so every argument is checked before any work starts.
+void check_args(const Tensor& x_TD, const Tensor& token_N, const Tensor& ends_E, const Tensor& w_gate_up,
+                const Tensor& w_down, const Tensor& weight_N, int64_t R) {
+  TORCH_CHECK(x_TD.dim() == 2 && x_TD.is_contiguous(), "x_TD must be a contiguous (T, D) tensor, got ",
+              x_TD.sizes());
+  const int64_t T = x_TD.size(0), D = x_TD.size(1);
+  TORCH_CHECK(w_gate_up.dim() == 3 && w_down.dim() == 3 && w_gate_up.size(1) == D && w_down.size(2) == D &&
+              w_gate_up.size(0) == w_down.size(0) && w_gate_up.size(2) == 2 * w_down.size(1),
+              "expert weights must be (E, D, 2H) and (E, H, D) with D = ", D, ", got ", w_gate_up.sizes(),
+              " and ", w_down.sizes());
+  for (const Tensor* t : {&w_gate_up, &w_down, &weight_N})
+    TORCH_CHECK(t->scalar_type() == x_TD.scalar_type() && t->device() == x_TD.device() && t->is_contiguous(),
+                "weights must be contiguous, on x_TD's device and of its dtype (", x_TD.scalar_type(), ")");
+  const int64_t E = w_down.size(0), N = token_N.numel();
+  TORCH_CHECK(token_N.dim() == 1 && token_N.scalar_type() == at::kLong && token_N.is_contiguous() &&
+              weight_N.dim() == 1 && weight_N.numel() == N,
+              "token_N and weight_N must be contiguous 1-D tensors of one length (int64 and x_TD's dtype)");
+  TORCH_CHECK(ends_E.dim() == 1 && ends_E.numel() == E && ends_E.scalar_type() == at::kLong &&
+              ends_E.is_contiguous(), "ends_E must be a contiguous int64 tensor of E = ", E, " row ends");
+  const int64_t* ends = ends_E.data_ptr<int64_t>();
+  for (int64_t e = 0; e < E; ++e)
+    TORCH_CHECK(ends[e] >= (e ? ends[e - 1] : 0), "ends_E must be non-decreasing and >= 0, got ", ends_E);
+  TORCH_CHECK(E == 0 ? N == 0 : ends[E - 1] == N, "ends_E[-1] must equal the number of rows, ", N);
+  const int64_t* token = token_N.data_ptr<int64_t>();
+  TORCH_CHECK(std::all_of(token, token + N, [T](int64_t t) { return t >= 0 && t <= T; }),
+              "token_N values must be tokens in [0, T] (T: a zero row), T = ", T);
+  TORCH_CHECK(R >= 1, "R (rows per block) must be >= 1, got ", R);
+}
+
 int64_t n_parts(int64_t N) { return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N)); }
 
 }  // namespace
@@ -51,6 +81,7 @@ std::vector<Tensor> experts_forward(const Tensor& x_TD, const Tensor& token_N, c
                                     const Tensor& w_gate_up, const Tensor& w_down, const Tensor& weight_N,
                                     bool save_gate_up, int64_t R) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // the autograd.Function in moe_kernel.py owns autograd
+  check_args(x_TD, token_N, ends_E, w_gate_up, w_down, weight_N, R);
   const int64_t N = token_N.size(0), E = ends_E.size(0), D = x_TD.size(1), H = w_down.size(1);
   const int64_t* token = token_N.data_ptr<int64_t>();
   const int64_t* ends = ends_E.data_ptr<int64_t>();
@@ -84,7 +115,13 @@ std::vector<Tensor> experts_forward(const Tensor& x_TD, const Tensor& token_N, c
 std::vector<Tensor> experts_backward(const Tensor& g_TD, const Tensor& x_TD, const Tensor& token_N,
                                      const Tensor& ends_E, const Tensor& w_gate_up, const Tensor& w_down,
                                      const Tensor& weight_N, const Tensor& gate_up_NH2, int64_t R) {
-  at::AutoDispatchBelowADInplaceOrView below_autograd;  // the autograd.Function in moe_kernel.py owns autograd
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  check_args(x_TD, token_N, ends_E, w_gate_up, w_down, weight_N, R);
+  TORCH_CHECK(g_TD.sizes() == x_TD.sizes() && g_TD.scalar_type() == x_TD.scalar_type() && g_TD.is_contiguous() &&
+              gate_up_NH2.dim() == 2 && gate_up_NH2.size(0) == token_N.numel() &&
+              gate_up_NH2.size(1) == w_gate_up.size(2) && gate_up_NH2.is_contiguous() &&
+              gate_up_NH2.scalar_type() == x_TD.scalar_type(),
+              "g_TD must match x_TD, and gate_up_NH2 be experts_forward's contiguous (N, 2H) gate_up");
   const int64_t N = token_N.size(0), E = ends_E.size(0), D = x_TD.size(1), H = w_down.size(1);
   const int64_t* token = token_N.data_ptr<int64_t>();
   const int64_t* ends = ends_E.data_ptr<int64_t>();
