@@ -631,7 +631,7 @@ class Router(nn.Module):
             choice_TE = scores_TE + self.expert_bias.to(scores_TE.dtype)
             if cfg.n_groups > 1:
                 choice_TE = self.limit_groups(choice_TE)
-            idx_TK = choice_TE.topk(cfg.experts_per_token, dim=-1).indices
+            idx_TK = moe_kernel.topk_indices(choice_TE, cfg.experts_per_token)
             if cfg.force_uniform_routing:
                 T, K = idx_TK.shape
                 idx_TK = torch.arange(T * K, device=idx_TK.device).view(T, K) % choice_TE.shape[-1]
@@ -725,7 +725,7 @@ def token_choice_dispatch(routing: Routing, capacity: Optional[int], drop_policy
     expert_A = routing.idx_TK.reshape(-1)  # (T*K,), assignment a is token a // K
     routed_E = torch.bincount(expert_A, minlength=E)
     if capacity is None:
-        order_A = expert_A.argsort(stable=True)
+        order_A = moe_kernel.stable_argsort(expert_A, E)
         counts_E = routed_E
     else:
         # the assignments in priority order, then stably by expert: each expert's first in priority
@@ -734,7 +734,7 @@ def token_choice_dispatch(routing: Routing, capacity: Optional[int], drop_policy
         else:  # position: slot (b, s, k) ranks by (s, b, k); top-k lists a token's choices best first
             slot_BSK = torch.arange(T * K, device=expert_A.device).view(n_seq, T // n_seq, K)
             by_priority_A = slot_BSK.transpose(0, 1).reshape(-1)
-        order_A = by_priority_A[expert_A[by_priority_A].argsort(stable=True)]
+        order_A = by_priority_A[moe_kernel.stable_argsort(expert_A[by_priority_A], E)]
         starts_E = routed_E.cumsum(0) - routed_E
         rank_A = torch.arange(T * K, device=expert_A.device) - starts_E[expert_A[order_A]]
         order_A = order_A[rank_A < capacity]

@@ -7,6 +7,8 @@
 2. The layer on the kernel (dispatch="fused") against the same layer on F.grouped_mm, under token
    choice with drops and under expert choice, forward and gradients.
 3. Where the kernel cannot be built, "fused" says so once and runs grouped_mm.
+4. The router's helpers: top-k indices pick torch.topk's values (NaN included, ties to the lower
+   index, where torch leaves the order open), and the sort by expert equals argsort(stable=True).
 """
 from __future__ import annotations
 
@@ -148,3 +150,27 @@ def test_kernel_ops_reject_bad_row_maps_before_any_work():
         with pytest.raises(RuntimeError, match=message):
             ops.experts_forward(args["x"], args["token"], args["ends"], args["w_gu"], args["w_dn"], args["weight"],
                                 False, args["R"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("E, k", [(8, 1), (8, 8), (64, 6), (5, 2)])
+def test_topk_indices_pick_torch_topk_values_ties_to_the_lower_index(dtype, E, k):
+    g = torch.Generator().manual_seed(E * k)
+    scores = torch.randn(300, E, generator=g).softmax(dim=-1).to(dtype)
+    scores[:50] = scores[:50].mul(4).round().div(4)  # many ties (0, 0.25, ...)
+    scores[50, 3] = scores[51, 0] = float("nan")  # NaN counts as the largest
+    ours = moe_kernel.topk_indices(scores, k)
+    tied = (scores.unsqueeze(-1) == scores.unsqueeze(-2)).triu(1).flatten(1).any(dim=-1)
+    assert tied[:50].all() and not tied.all()
+    assert torch.equal(ours[~tied], scores[~tied].topk(k, dim=-1).indices)  # rows without ties: torch.topk's
+    # every row: the first k of a stable descending sort (equal scores in index order, NaN first)
+    assert torch.equal(ours, scores.sort(dim=-1, descending=True, stable=True).indices[:, :k])
+
+
+def test_stable_argsort_is_argsort_stable():
+    g = torch.Generator().manual_seed(0)
+    for n_keys, A in ((1, 7), (64, 24576), (130, 500)):
+        key = torch.randint(n_keys, (A,), generator=g)
+        assert torch.equal(moe_kernel.stable_argsort(key, n_keys), key.argsort(stable=True))
+    with pytest.raises(RuntimeError, match="keys must lie in \\[0, n_keys\\), n_keys = 4"):
+        moe_kernel.stable_argsort(torch.tensor([0, 4, 1]), 4)

@@ -6,9 +6,11 @@
 // N rows (grouped by expert: expert e owns rows [ends[e-1], ends[e])), R rows of one block.
 // token_N[n] is the token row n copies; T (one past the last token) means a zero row.
 #include <torch/extension.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <map>
 #include <vector>
@@ -186,6 +188,60 @@ std::vector<Tensor> experts_backward(const Tensor& g_TD, const Tensor& x_TD, con
   return {d_x_ND, d_w_gate_up, d_w_down, d_weight_N};
 }
 
+// ---------------------------------------------------------------------------------------------
+// routing helpers: torch.topk and a stable argsort by expert, specialised to the router's shapes
+
+// (T, E) scores -> (T, K) indices of each row's K largest, largest first; ties go to the lower
+// index, NaN counts as larger than any number (as in torch.topk). K is a handful, so each row keeps
+// its best K in a small sorted array.
+Tensor topk_indices(const Tensor& scores_TE, int64_t K) {
+  TORCH_CHECK(scores_TE.dim() == 2 && scores_TE.is_contiguous() && K >= 1 && K <= scores_TE.size(1),
+              "topk_indices takes contiguous (T, E) scores and 1 <= K <= E, got ", scores_TE.sizes(), ", K=", K);
+  const int64_t T = scores_TE.size(0), E = scores_TE.size(1);
+  Tensor idx_TK = at::empty({T, K}, scores_TE.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, scores_TE.scalar_type(), "topk_indices", [&] {
+    const scalar_t* scores = scores_TE.data_ptr<scalar_t>();
+    int64_t* out = idx_TK.data_ptr<int64_t>();
+    at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
+      using acc_t = at::opmath_type<scalar_t>;
+      std::vector<acc_t> best(K);
+      auto above = [](acc_t a, acc_t b) { return std::isnan(a) ? !std::isnan(b) : a > b; };
+      for (int64_t t = t0; t < t1; ++t) {
+        const scalar_t* row = scores + t * E;
+        int64_t* idx = out + t * K;
+        int64_t n = 0;
+        for (int64_t e = 0; e < E; ++e) {
+          const acc_t v = static_cast<acc_t>(row[e]);
+          // most entries of a row fall below its K-th best: one comparison (NaN takes the slow path)
+          if (n == K && !(v > best[K - 1]) && !std::isnan(v)) continue;
+          if (n == K && !above(v, best[K - 1])) continue;
+          int64_t i = n < K ? n++ : K - 1;  // the slot v takes before moving up past smaller ones
+          for (; i > 0 && above(v, best[i - 1]); --i) best[i] = best[i - 1], idx[i] = idx[i - 1];
+          best[i] = v, idx[i] = e;
+        }
+      }
+    });
+  });
+  return idx_TK;
+}
+
+// The stable argsort of keys in [0, n_keys): equal keys keep their index order (a counting sort).
+Tensor sort_by_key(const Tensor& key_A, int64_t n_keys) {
+  TORCH_CHECK(key_A.dim() == 1 && key_A.scalar_type() == at::kLong && key_A.is_contiguous() && n_keys >= 1,
+              "sort_by_key takes a contiguous 1-D int64 tensor and n_keys >= 1");
+  const int64_t A = key_A.numel();
+  const int64_t* key = key_A.data_ptr<int64_t>();
+  TORCH_CHECK(std::all_of(key, key + A, [n_keys](int64_t k) { return k >= 0 && k < n_keys; }),
+              "sort_by_key: keys must lie in [0, n_keys), n_keys = ", n_keys);
+  std::vector<int64_t> next(n_keys + 1, 0);
+  for (int64_t a = 0; a < A; ++a) ++next[key[a] + 1];
+  for (int64_t k = 0; k < n_keys; ++k) next[k + 1] += next[k];
+  Tensor order_A = at::empty({A}, key_A.options());
+  int64_t* order = order_A.data_ptr<int64_t>();
+  for (int64_t a = 0; a < A; ++a) order[next[key[a]]++] = a;
+  return order_A;
+}
+
 // Registered as torch ops (torch.ops.moe_playground.*) rather than a Python module, so they go
 // through the dispatcher: a TorchDispatchMode (the benchmark's peak-memory count) sees their outputs.
 TORCH_LIBRARY(moe_playground, m) {
@@ -193,9 +249,13 @@ TORCH_LIBRARY(moe_playground, m) {
         "Tensor weight_N, bool save_gate_up, int R) -> Tensor[]");
   m.def("experts_backward(Tensor g_TD, Tensor x_TD, Tensor token_N, Tensor ends_E, Tensor w_gate_up, "
         "Tensor w_down, Tensor weight_N, Tensor gate_up_NH2, int R) -> Tensor[]");
+  m.def("topk_indices(Tensor scores_TE, int K) -> Tensor");
+  m.def("sort_by_key(Tensor key_A, int n_keys) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moe_playground, CPU, m) {
   m.impl("experts_forward", &experts_forward);
   m.impl("experts_backward", &experts_backward);
+  m.impl("topk_indices", &topk_indices);
+  m.impl("sort_by_key", &sort_by_key);
 }
