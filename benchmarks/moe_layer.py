@@ -22,7 +22,7 @@ headline  forward+backward at --tokens tokens on two configs (fine: 64 x 128, to
           with each one's peak memory: the high-water mark of tensor storage created during one
           forward+backward (tracked op by op with a dispatch mode), above what was live before.
           The fused kernel's outputs are counted; its per-thread block buffers are not (at most
-          threads x 1024 rows x (2D + 5H) values, plus two experts' weight gradients per thread).
+          threads x 1024 rows x (2D + 6H) values, plus two experts' weight gradients per thread).
 latency   sampling-sized batches (T in 1, 4, 8, 64), forward only, eval mode, no grad: moe and
           moe_grouped against the dense floor on both configs; `plan` is moe with the few-token path
           off (RoutedExperts.few_tokens_max = 0: every batch through the dispatch plan). T tokens

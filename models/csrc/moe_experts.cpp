@@ -137,6 +137,7 @@ std::vector<Tensor> experts_backward(const Tensor& g_TD, const Tensor& x_TD, con
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     Tensor g_RD = at::empty({R, D}, opt), x_RD = at::empty({R, D}, opt);
     Tensor act_RH = at::empty({R, H}, opt), d_h_RH = at::empty({R, H}, opt), d_gu_RH2 = at::empty({R, 2 * H}, opt);
+    Tensor silu_RH = at::empty({R, H}, opt);
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t r0 = N * p / P, r1 = N * (p + 1) / P;
       for (const Block& b : blocks_of(ends, E, r0, r1, R)) {
@@ -150,12 +151,14 @@ std::vector<Tensor> experts_backward(const Tensor& g_TD, const Tensor& x_TD, con
         }
         const bool first = b.lo == std::max(start_e, r0);  // this thread's first block of the expert
         Tensor g_nD = g_RD.narrow(0, 0, n), x_nD = x_RD.narrow(0, 0, n), act = act_RH.narrow(0, 0, n);
+        Tensor silu_gate = silu_RH.narrow(0, 0, n);
         Tensor d_h = d_h_RH.narrow(0, 0, n), d_gu = d_gu_RH2.narrow(0, 0, n);
         Tensor gu = gate_up_NH2.narrow(0, b.lo, n), gate = gu.narrow(1, 0, H), up = gu.narrow(1, H, H);
         Tensor w_n1 = weight_N.narrow(0, b.lo, n).unsqueeze(1);
         gather(g_TD, token, b.lo, b.hi, g_nD);
         // h = silu(gate) * up * w;  out = h @ w_down
-        at::silu_out(act, gate).mul_(up);                                // silu(gate) * up
+        at::silu_out(silu_gate, gate);                                   // once, for act and d up
+        at::mul_out(act, silu_gate, up);                                 // silu(gate) * up
         at::mm_out(d_h, g_nD, w_down[b.e].t());                          // d out -> d h
         Tensor d_w_n = d_weight_N.narrow(0, b.lo, n);
         at::sum_out(d_w_n, d_h * act, at::IntArrayRef{1});                // d w = <d h, silu(gate) * up>
@@ -163,7 +166,7 @@ std::vector<Tensor> experts_backward(const Tensor& g_TD, const Tensor& x_TD, con
         if (first) at::mm_out(dw_dn, act.t(), g_nD); else dw_dn.addmm_(act.t(), g_nD);
         d_h.mul_(w_n1);                                                  // d (silu(gate) * up)
         Tensor d_gate = d_gu.narrow(1, 0, H), d_up = d_gu.narrow(1, H, H);
-        at::silu_out(d_up, gate).mul_(d_h);
+        at::mul_out(d_up, silu_gate, d_h);
         at::silu_backward_out(d_gate, d_h.mul_(up), gate);
         gather(x_TD, token, b.lo, b.hi, x_nD);
         if (first) at::mm_out(dw_gu, x_nD.t(), d_gu); else dw_gu.addmm_(x_nD.t(), d_gu);
