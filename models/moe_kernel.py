@@ -6,10 +6,12 @@ tensors that no longer fit in cache. The kernel instead splits the rows evenly o
 each thread takes its rows a block at a time (one expert, at most BLOCK_ROWS rows), gathers the
 block's tokens, and runs gate/up, SwiGLU and down on it single-threaded while it is in cache.
 Backward does the same per block and adds each expert's weight gradient up over its blocks.
+The same extension holds the router's top-k and the dispatch plan's sort by expert.
 
-It is built on first use with torch.utils.cpp_extension (a C++ compiler and ninja; about 20 s,
-then cached under TORCH_EXTENSIONS_DIR). Where it cannot be built, or with
-MOE_PLAYGROUND_KERNEL=0, `kernel()` is None, says why once, and the layer runs F.grouped_mm.
+It is built on first use with torch.utils.cpp_extension (a C++ compiler and ninja; about 25 s,
+then cached under TORCH_EXTENSIONS_DIR). Where it cannot be built, `kernel()` is None and says
+why once; with MOE_PLAYGROUND_KERNEL=0 it is None without trying. Then the layer runs
+F.grouped_mm, torch.topk and argsort instead.
 """
 from __future__ import annotations
 
