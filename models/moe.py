@@ -115,11 +115,12 @@ class MoEConfig:
     # grouped_mm where it does not run: other devices and dtypes, torch.compile, no compiler),
     # "grouped_mm" (F.grouped_mm, one grouped matmul per projection), "padded_bmm" (every
     # expert's group padded to the largest, one bmm), "auto" (fused where the kernel runs, else
-    # padded_bmm while padding adds <= 25% rows, else grouped_mm), "loop" (a Python loop over experts). On an oversubscribed CPU,
-    # grouped_mm pays a thread sync per expert and per matmul, while one bmm or the kernel pays it
-    # once (or set OMP_WAIT_POLICY=PASSIVE, see benchmarks/moe_layer.py). Under torch.compile,
-    # grouped_mm runs only in bf16; other dtypes fall back to padded_bmm. Inference with
-    # fewer rows than experts loops over the experts that have rows, whatever the dispatch.
+    # padded_bmm while padding adds <= 25% rows, else grouped_mm), "loop" (a Python loop over
+    # experts). On an oversubscribed CPU, grouped_mm pays a thread sync per expert and per
+    # matmul, while one bmm or the kernel pays it once (or set OMP_WAIT_POLICY=PASSIVE, see
+    # benchmarks/moe_layer.py). Under torch.compile, grouped_mm runs only in bf16; other dtypes
+    # fall back to padded_bmm. Inference with fewer rows than experts loops over the experts
+    # that have rows where the kernel does not run.
     dispatch: str = "fused"
     init_std: float = 0.02  # normal init of the router and every expert weight
 
@@ -441,7 +442,7 @@ class RoutedExperts(nn.Module):
         if self.dispatch == "padded_bmm" or self.compile_fallback(x_TD.dtype):
             return True
         # auto pads only where the fused kernel cannot run: it beats padding even under uniform
-        # routing (benchmarks/moe_layer.py headline, moe vs moe_auto)
+        # routing (benchmarks/moe_layer.py headline: moe against moe_padded)
         return self.dispatch == "auto" and not moe_kernel.usable(x_TD) \
             and counts_E.numel() * counts_E.max().item() <= 1.25 * counts_E.sum().item()
 
