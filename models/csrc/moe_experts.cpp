@@ -92,10 +92,13 @@ std::vector<Tensor> experts_forward(const Tensor& x_TD, const Tensor& token_N, c
   const int64_t P = n_parts(N);
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // per thread: worker threads start with grad mode on
-    Tensor x_RD = at::empty({R, D}, x_TD.options()), gu_RH2 = at::empty({R, 2 * H}, x_TD.options());
-    Tensor h_RH = at::empty({R, H}, x_TD.options());
+    // block buffers no larger than this thread's rows: at sampling sizes a 1024-row buffer costs
+    // an mmap and munmap per call, more than the experts' work
+    const int64_t Rb = std::min(R, std::max<int64_t>(1, N * p1 / P - N * p0 / P));
+    Tensor x_RD = at::empty({Rb, D}, x_TD.options()), gu_RH2 = at::empty({Rb, 2 * H}, x_TD.options());
+    Tensor h_RH = at::empty({Rb, H}, x_TD.options());
     for (int64_t p = p0; p < p1; ++p) {
-      for (const Block& b : blocks_of(ends, E, N * p / P, N * (p + 1) / P, R)) {
+      for (const Block& b : blocks_of(ends, E, N * p / P, N * (p + 1) / P, Rb)) {
         const int64_t n = b.hi - b.lo;
         Tensor x_nD = x_RD.narrow(0, 0, n), h_nH = h_RH.narrow(0, 0, n), out_nD = out_ND.narrow(0, b.lo, n);
         Tensor gu_nH2 = save_gate_up ? gate_up_NH2.narrow(0, b.lo, n) : gu_RH2.narrow(0, 0, n);
@@ -135,12 +138,13 @@ std::vector<Tensor> experts_backward(const Tensor& g_TD, const Tensor& x_TD, con
   std::vector<std::map<int64_t, std::pair<Tensor, Tensor>>> partial(P);
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    Tensor g_RD = at::empty({R, D}, opt), x_RD = at::empty({R, D}, opt);
-    Tensor act_RH = at::empty({R, H}, opt), d_h_RH = at::empty({R, H}, opt), d_gu_RH2 = at::empty({R, 2 * H}, opt);
-    Tensor silu_RH = at::empty({R, H}, opt);
+    const int64_t Rb = std::min(R, std::max<int64_t>(1, N * p1 / P - N * p0 / P));  // as in experts_forward
+    Tensor g_RD = at::empty({Rb, D}, opt), x_RD = at::empty({Rb, D}, opt);
+    Tensor act_RH = at::empty({Rb, H}, opt), d_h_RH = at::empty({Rb, H}, opt), d_gu_RH2 = at::empty({Rb, 2 * H}, opt);
+    Tensor silu_RH = at::empty({Rb, H}, opt);
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t r0 = N * p / P, r1 = N * (p + 1) / P;
-      for (const Block& b : blocks_of(ends, E, r0, r1, R)) {
+      for (const Block& b : blocks_of(ends, E, r0, r1, Rb)) {
         const int64_t n = b.hi - b.lo, start_e = b.e ? ends[b.e - 1] : 0;
         Tensor dw_gu = d_w_gate_up[b.e], dw_dn = d_w_down[b.e];
         if (start_e < r0 || ends[b.e] > r1) {  // another thread has rows of this expert too
