@@ -218,10 +218,10 @@ def latency(args, summary: dict) -> None:
                 models["moe"](x)
                 inner = max(1, int(0.02 / max(time.perf_counter() - t0, 1e-6)))  # ~20 ms per timing
                 med = median_ms(interleaved({n: (lambda m=m: m(x)) for n, m in models.items()}, args.repeats, inner))
-            r, ra, rp = (med[n] / med["dense_floor"] for n in ("moe", "moe_grouped", "moe_plan"))
+            r, rg, rp = (med[n] / med["dense_floor"] for n in ("moe", "moe_grouped", "moe_plan"))
             floor = weight_bytes_ratio(models["moe"], models["dense_floor"], x)
             print(f"{cname:8s} {T:4d} {med['moe'] * 1e3:9.1f} {med['moe_grouped'] * 1e3:10.1f} {med['moe_plan'] * 1e3:9.1f} "
-                  f"{med['dense_floor'] * 1e3:9.1f} {r:10.2f} {ra:13.2f} {rp:11.2f} {floor:6.2f}")
+                  f"{med['dense_floor'] * 1e3:9.1f} {r:10.2f} {rg:13.2f} {rp:11.2f} {floor:6.2f}")
             summary.setdefault(f"latency_{cname}", {})[f"T{T}"] = round(r, 3)
             summary[f"latency_{cname}"][f"T{T}_plan"] = round(rp, 3)
             summary[f"latency_{cname}"][f"T{T}_weight_bytes"] = round(floor, 2)
