@@ -76,6 +76,15 @@ void check_args(const Tensor& x_TD, const Tensor& token_N, const Tensor& ends_E,
 
 int64_t n_parts(int64_t N) { return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N)); }
 
+// Thread p of P takes rows [first_row(N, P, p), first_row(N, P, p + 1)).
+int64_t first_row(int64_t N, int64_t P, int64_t p) { return N * p / P; }
+
+// Rows of a block buffer for threads p0..p1: R, or fewer when the threads have fewer rows (at
+// sampling sizes a 1024-row buffer costs an mmap and munmap per call, more than the experts' work).
+int64_t buffer_rows(int64_t R, int64_t N, int64_t P, int64_t p0, int64_t p1) {
+  return std::min(R, std::max<int64_t>(1, first_row(N, P, p1) - first_row(N, P, p0)));
+}
+
 }  // namespace
 
 // -> {out_ND, gate_up_NH2 (empty unless save_gate_up)}
@@ -92,13 +101,11 @@ std::vector<Tensor> experts_forward(const Tensor& x_TD, const Tensor& token_N, c
   const int64_t P = n_parts(N);
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // per thread: worker threads start with grad mode on
-    // block buffers no larger than this thread's rows: at sampling sizes a 1024-row buffer costs
-    // an mmap and munmap per call, more than the experts' work
-    const int64_t Rb = std::min(R, std::max<int64_t>(1, N * p1 / P - N * p0 / P));
+    const int64_t Rb = buffer_rows(R, N, P, p0, p1);
     Tensor x_RD = at::empty({Rb, D}, x_TD.options()), gu_RH2 = at::empty({Rb, 2 * H}, x_TD.options());
     Tensor h_RH = at::empty({Rb, H}, x_TD.options());
     for (int64_t p = p0; p < p1; ++p) {
-      for (const Block& b : blocks_of(ends, E, N * p / P, N * (p + 1) / P, Rb)) {
+      for (const Block& b : blocks_of(ends, E, first_row(N, P, p), first_row(N, P, p + 1), Rb)) {
         const int64_t n = b.hi - b.lo;
         Tensor x_nD = x_RD.narrow(0, 0, n), h_nH = h_RH.narrow(0, 0, n), out_nD = out_ND.narrow(0, b.lo, n);
         Tensor gu_nH2 = save_gate_up ? gate_up_NH2.narrow(0, b.lo, n) : gu_RH2.narrow(0, 0, n);
@@ -138,12 +145,12 @@ std::vector<Tensor> experts_backward(const Tensor& g_TD, const Tensor& x_TD, con
   std::vector<std::map<int64_t, std::pair<Tensor, Tensor>>> partial(P);
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const int64_t Rb = std::min(R, std::max<int64_t>(1, N * p1 / P - N * p0 / P));  // as in experts_forward
+    const int64_t Rb = buffer_rows(R, N, P, p0, p1);
     Tensor g_RD = at::empty({Rb, D}, opt), x_RD = at::empty({Rb, D}, opt);
     Tensor act_RH = at::empty({Rb, H}, opt), d_h_RH = at::empty({Rb, H}, opt), d_gu_RH2 = at::empty({Rb, 2 * H}, opt);
     Tensor silu_RH = at::empty({Rb, H}, opt);
     for (int64_t p = p0; p < p1; ++p) {
-      const int64_t r0 = N * p / P, r1 = N * (p + 1) / P;
+      const int64_t r0 = first_row(N, P, p), r1 = first_row(N, P, p + 1);
       for (const Block& b : blocks_of(ends, E, r0, r1, Rb)) {
         const int64_t n = b.hi - b.lo, start_e = b.e ? ends[b.e - 1] : 0;
         Tensor dw_gu = d_w_gate_up[b.e], dw_dn = d_w_down[b.e];
@@ -219,9 +226,7 @@ Tensor topk_indices(const Tensor& scores_TE, int64_t K) {
         int64_t n = 0;
         for (int64_t e = 0; e < E; ++e) {
           const acc_t v = static_cast<acc_t>(row[e]);
-          // most entries of a row fall below its K-th best: one comparison (NaN takes the slow path)
-          if (n == K && !(v > best[K - 1]) && !std::isnan(v)) continue;
-          if (n == K && !above(v, best[K - 1])) continue;
+          if (n == K && !above(v, best[K - 1])) continue;  // most entries fall below the row's K-th best
           int64_t i = n < K ? n++ : K - 1;  // the slot v takes before moving up past smaller ones
           for (; i > 0 && above(v, best[i - 1]); --i) best[i] = best[i - 1], idx[i] = idx[i - 1];
           best[i] = v, idx[i] = e;
