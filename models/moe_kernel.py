@@ -25,6 +25,10 @@ import torch
 SOURCE = Path(__file__).parent / "csrc" / "moe_experts.cpp"
 BLOCK_ROWS = 1024  # rows per block; measured on the benchmark configs: 512 and up alike, 256 and below slower
 DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+# compiler flags of the instruction sets torch.backends.cpu.get_cpu_capability() names on x86, as
+# torch builds its own CPU kernels; elsewhere at::vec's portable code runs
+VECTOR_FLAGS = {"AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
+                "AVX2": ["-mavx2", "-mfma", "-mf16c"]}
 
 
 @functools.cache
@@ -38,8 +42,13 @@ def kernel():
         # ATen's parallel_for is a header-inlined `#pragma omp parallel` when torch runs on OpenMP:
         # without -fopenmp it silently runs every thread's share on one thread
         openmp = ["-fopenmp"] if torch._C.has_openmp else []
-        load("moe_playground_experts", [str(SOURCE)], extra_cflags=["-O3", *openmp], extra_ldflags=openmp,
-             is_python_module=False, verbose=False)
+        # at::vec vectorizes for the instruction set named at build time, as torch's own kernels do
+        # per CPU: one build per capability (a home directory shared by different CPUs keeps both)
+        capability = torch.backends.cpu.get_cpu_capability()
+        isa = [*VECTOR_FLAGS[capability], f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"] \
+            if capability in VECTOR_FLAGS else []
+        load(f"moe_playground_experts_{capability.lower()}", [str(SOURCE)], extra_cflags=["-O3", *openmp, *isa],
+             extra_ldflags=openmp, is_python_module=False, verbose=False)
         return torch.ops.moe_playground
     except Exception as e:  # no compiler, no ninja, a failed build: the grouped_mm path still works
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -8,11 +8,14 @@
 #include <torch/extension.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <map>
+#include <numeric>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -41,6 +44,88 @@ void gather(const Tensor& src_TD, const int64_t* token, int64_t lo, int64_t hi, 
   for (int64_t n = lo; n < hi; ++n, dst += bytes) {
     if (token[n] < T) std::memcpy(dst, src + token[n] * bytes, bytes);
     else std::memset(dst, 0, bytes);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// the weighted SwiGLU between the two matmuls, one pass over a block's rows (ATen's separate
+// silu, mul and sum ops would each pass over the block and each cost a dispatch); vectorized with
+// at::vec, which moe_kernel.py builds for the CPU's instruction set. Rows of gu are [gate | up].
+
+template <typename T>  // float or double
+using Vec = at::vec::Vectorized<T>;
+
+// h = silu(gate) * up * w over one row of H values
+template <typename T>
+void swiglu_row(const T* gate, const T* up, T w, T* h, int64_t H) {
+  const Vec<T> one(1), w_v(w);
+  for (int64_t j = 0; j < H; j += Vec<T>::size()) {
+    const int64_t c = std::min<int64_t>(Vec<T>::size(), H - j);
+    const Vec<T> g = Vec<T>::loadu(gate + j, c), u = Vec<T>::loadu(up + j, c);
+    (g / (one + g.neg().exp()) * u * w_v).store(h + j, c);
+  }
+}
+
+// Backward of one row, given d_h (the gradient of h): writes h itself (the down projection's input,
+// for its weight's gradient), d_gate and d_up, and returns the gradient of w, <d_h, silu(gate) * up>.
+// silu'(g) = s * (1 + g * (1 - s)) with s = sigmoid(g).
+template <typename T>
+T swiglu_row_backward(const T* gate, const T* up, const T* d_h, T w, T* h, T* d_gate, T* d_up, int64_t H) {
+  const Vec<T> one(1), w_v(w);
+  Vec<T> d_w(0);
+  for (int64_t j = 0; j < H; j += Vec<T>::size()) {
+    const int64_t c = std::min<int64_t>(Vec<T>::size(), H - j);
+    const Vec<T> g = Vec<T>::loadu(gate + j, c), u = Vec<T>::loadu(up + j, c), dh = Vec<T>::loadu(d_h + j, c);
+    const Vec<T> s = one / (one + g.neg().exp()), silu = g * s, act = silu * u, dh_w = dh * w_v;
+    d_w = at::vec::fmadd(dh, act, d_w);  // lanes past c load as zeros
+    (act * w_v).store(h + j, c);
+    (silu * dh_w).store(d_up + j, c);
+    (dh_w * u * s * (one + g * (one - s))).store(d_gate + j, c);
+  }
+  T lanes[Vec<T>::size()];
+  d_w.store(lanes);
+  return std::accumulate(lanes, lanes + Vec<T>::size(), T(0));
+}
+
+// The block's n rows, h[i] = silu(gate[i]) * up[i] * w[i]. Reduced floating types (bf16) compute
+// each row in float.
+template <typename scalar_t>
+void weighted_swiglu(const scalar_t* gu, const scalar_t* w, scalar_t* h, int64_t n, int64_t H) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+    for (int64_t i = 0; i < n; ++i) swiglu_row(gu + i * 2 * H, gu + i * 2 * H + H, w[i], h + i * H, H);
+  } else {
+    std::vector<opmath_t> row(3 * H);  // [gate | up | h]
+    for (int64_t i = 0; i < n; ++i) {
+      at::vec::convert(gu + i * 2 * H, row.data(), 2 * H);
+      swiglu_row(row.data(), row.data() + H, static_cast<opmath_t>(w[i]), row.data() + 2 * H, H);
+      at::vec::convert(row.data() + 2 * H, h + i * H, H);
+    }
+  }
+}
+
+// Backward of weighted_swiglu over the block's n rows: h (as forward), d_gu = [d_gate | d_up], d_w.
+template <typename scalar_t>
+void weighted_swiglu_backward(const scalar_t* gu, const scalar_t* d_h, const scalar_t* w, scalar_t* h,
+                              scalar_t* d_gu, scalar_t* d_w, int64_t n, int64_t H) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+    for (int64_t i = 0; i < n; ++i) {
+      const scalar_t* gu_i = gu + i * 2 * H;
+      scalar_t* d_gu_i = d_gu + i * 2 * H;
+      d_w[i] = swiglu_row_backward(gu_i, gu_i + H, d_h + i * H, w[i], h + i * H, d_gu_i, d_gu_i + H, H);
+    }
+  } else {
+    std::vector<opmath_t> row(7 * H);  // [gate | up | d_h | h | d_gate | d_up]
+    opmath_t* r = row.data();
+    for (int64_t i = 0; i < n; ++i) {
+      at::vec::convert(gu + i * 2 * H, r, 2 * H);
+      at::vec::convert(d_h + i * H, r + 2 * H, H);
+      d_w[i] = swiglu_row_backward(r, r + H, r + 2 * H, static_cast<opmath_t>(w[i]), r + 3 * H, r + 4 * H,
+                                   r + 5 * H, H);
+      at::vec::convert(r + 3 * H, h + i * H, H);
+      at::vec::convert(r + 4 * H, d_gu + i * 2 * H, 2 * H);
+    }
   }
 }
 
@@ -111,8 +196,10 @@ std::vector<Tensor> experts_forward(const Tensor& x_TD, const Tensor& token_N, c
         Tensor gu_nH2 = save_gate_up ? gate_up_NH2.narrow(0, b.lo, n) : gu_RH2.narrow(0, 0, n);
         gather(x_TD, token, b.lo, b.hi, x_nD);
         at::mm_out(gu_nH2, x_nD, w_gate_up[b.e]);
-        at::silu_out(h_nH, gu_nH2.narrow(1, 0, H));
-        h_nH.mul_(gu_nH2.narrow(1, H, H)).mul_(weight_N.narrow(0, b.lo, n).unsqueeze(1));
+        AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x_TD.scalar_type(), "weighted_swiglu", [&] {
+          weighted_swiglu(gu_nH2.const_data_ptr<scalar_t>(), weight_N.const_data_ptr<scalar_t>() + b.lo,
+                          h_nH.data_ptr<scalar_t>(), n, H);
+        });
         at::mm_out(out_nD, h_nH, w_down[b.e]);
       }
     }
@@ -147,8 +234,7 @@ std::vector<Tensor> experts_backward(const Tensor& g_TD, const Tensor& x_TD, con
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const int64_t Rb = buffer_rows(R, N, P, p0, p1);
     Tensor g_RD = at::empty({Rb, D}, opt), x_RD = at::empty({Rb, D}, opt);
-    Tensor act_RH = at::empty({Rb, H}, opt), d_h_RH = at::empty({Rb, H}, opt), d_gu_RH2 = at::empty({Rb, 2 * H}, opt);
-    Tensor silu_RH = at::empty({Rb, H}, opt);
+    Tensor h_RH = at::empty({Rb, H}, opt), d_h_RH = at::empty({Rb, H}, opt), d_gu_RH2 = at::empty({Rb, 2 * H}, opt);
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t r0 = first_row(N, P, p), r1 = first_row(N, P, p + 1);
       for (const Block& b : blocks_of(ends, E, r0, r1, Rb)) {
@@ -161,24 +247,17 @@ std::vector<Tensor> experts_backward(const Tensor& g_TD, const Tensor& x_TD, con
           dw_gu = it->second.first, dw_dn = it->second.second;
         }
         const bool first = b.lo == std::max(start_e, r0);  // this thread's first block of the expert
-        Tensor g_nD = g_RD.narrow(0, 0, n), x_nD = x_RD.narrow(0, 0, n), act = act_RH.narrow(0, 0, n);
-        Tensor silu_gate = silu_RH.narrow(0, 0, n);
+        Tensor g_nD = g_RD.narrow(0, 0, n), x_nD = x_RD.narrow(0, 0, n), h_nH = h_RH.narrow(0, 0, n);
         Tensor d_h = d_h_RH.narrow(0, 0, n), d_gu = d_gu_RH2.narrow(0, 0, n);
-        Tensor gu = gate_up_NH2.narrow(0, b.lo, n), gate = gu.narrow(1, 0, H), up = gu.narrow(1, H, H);
-        Tensor w_n1 = weight_N.narrow(0, b.lo, n).unsqueeze(1);
         gather(g_TD, token, b.lo, b.hi, g_nD);
-        // h = silu(gate) * up * w;  out = h @ w_down
-        at::silu_out(silu_gate, gate);                                   // once, for act and d up
-        at::mul_out(act, silu_gate, up);                                 // silu(gate) * up
-        at::mm_out(d_h, g_nD, w_down[b.e].t());                          // d out -> d h
-        Tensor d_w_n = d_weight_N.narrow(0, b.lo, n);
-        at::sum_out(d_w_n, d_h * act, at::IntArrayRef{1});                // d w = <d h, silu(gate) * up>
-        act.mul_(w_n1);                                                  // h
-        if (first) at::mm_out(dw_dn, act.t(), g_nD); else dw_dn.addmm_(act.t(), g_nD);
-        d_h.mul_(w_n1);                                                  // d (silu(gate) * up)
-        Tensor d_gate = d_gu.narrow(1, 0, H), d_up = d_gu.narrow(1, H, H);
-        at::mul_out(d_up, silu_gate, d_h);
-        at::silu_backward_out(d_gate, d_h.mul_(up), gate);
+        at::mm_out(d_h, g_nD, w_down[b.e].t());  // d out -> d h
+        AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x_TD.scalar_type(), "weighted_swiglu_backward", [&] {
+          weighted_swiglu_backward(gate_up_NH2.const_data_ptr<scalar_t>() + b.lo * 2 * H,
+                                   d_h.const_data_ptr<scalar_t>(), weight_N.const_data_ptr<scalar_t>() + b.lo,
+                                   h_nH.data_ptr<scalar_t>(), d_gu.data_ptr<scalar_t>(),
+                                   d_weight_N.data_ptr<scalar_t>() + b.lo, n, H);
+        });
+        if (first) at::mm_out(dw_dn, h_nH.t(), g_nD); else dw_dn.addmm_(h_nH.t(), g_nD);
         gather(x_TD, token, b.lo, b.hi, x_nD);
         if (first) at::mm_out(dw_gu, x_nD.t(), d_gu); else dw_gu.addmm_(x_nD.t(), d_gu);
         Tensor d_x_nD = d_x_ND.narrow(0, b.lo, n);
