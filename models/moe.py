@@ -14,6 +14,7 @@ expert under expert-choice routing.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -490,10 +491,15 @@ class RoutedExperts(nn.Module):
     # inference runs looped_mm below this many rows per expert (most experts then have none: grouped_mm
     # would still visit them all); measured crossover on CPU, benchmarks/moe_layer.py latency section
     loop_below_rows_per_expert = 1.0
-    # inference on at most this many tokens skips the dispatch plan: few_tokens (sampling's batches)
-    # measured (through the fused kernel's plan): at 1 token 17% faster than the plan on the fine config
-    # and 11% on the coarse one; even at 2 tokens, slower from 3
-    few_tokens_max = 1
+    # inference on at most this many tokens skips the dispatch plan: few_tokens (sampling's batches).
+    # Measured crossovers against the plan (benchmarks/moe_layer.py latency, `plan` column): through
+    # moe_kernel.experts_tokens up to 32 tokens (fine config at 32: 977 vs 1023 us; at 64: 1953 vs
+    # 1505); through the Python loop, where that op does not run, up to 4
+    few_tokens_max = 32
+    few_tokens_max_python = 4
+
+    def few_tokens_limit(self, x_TD: torch.Tensor) -> int:
+        return self.few_tokens_max if moe_kernel.usable_for_tokens(x_TD) else self.few_tokens_max_python
 
     def few_tokens(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Tensor) -> torch.Tensor:
         """forward's result, without grad, for a handful of tokens straight from the router's choices:
@@ -501,6 +507,8 @@ class RoutedExperts(nn.Module):
         At one token the plan's sort, maps and gathers cost more than the experts' matmuls."""
         E = self.w_down.shape[0]
         w_gate_up, w_down = self.w_gate_up.to(x_TD.dtype), self.w_down.to(x_TD.dtype)
+        if moe_kernel.usable_for_tokens(x_TD):  # the same loop in C++
+            return moe_kernel.experts_tokens(x_TD, idx_TK, weight_TK.to(x_TD.dtype), w_gate_up, w_down)
         y_TD = torch.zeros_like(x_TD)
         for t, (experts, weights) in enumerate(zip(idx_TK.tolist(), weight_TK.tolist())):
             x_1D, y_1D = x_TD[t:t + 1], y_TD[t:t + 1]
@@ -592,8 +600,10 @@ class Router(nn.Module):
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         dtype = torch.promote_types(x_TD.dtype, torch.float32)  # fp32, or fp64 under gradcheck
         # autocast would run these linears in bf16: a near-tie between two experts then flips
-        # on rounding, and the z-loss squares a bf16 logsumexp
-        with torch.autocast(x_TD.device.type, enabled=False):
+        # on rounding, and the z-loss squares a bf16 logsumexp (entering the context only when
+        # autocast is on: it costs ~5 us, 5% of a one-token forward)
+        device = x_TD.device.type
+        with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext():
             x_TD = x_TD.to(dtype)
             if self.training and self.cfg.router_jitter > 0:  # Switch Transformer input jitter
                 eps = self.cfg.router_jitter
@@ -875,7 +885,7 @@ class MoE(nn.Module):
         xe_TD = x_TD.to(dtype)
 
         routing = self.router(x_TD)
-        few = cfg.routing == "token_choice" and T <= self.experts.few_tokens_max \
+        few = cfg.routing == "token_choice" and T <= self.experts.few_tokens_limit(xe_TD) \
             and cfg.capacity(T, self.training) is None and not needs_grad(xe_TD, self.experts.w_gate_up) \
             and not torch.compiler.is_compiling()  # its per-token loop would break the graph
         y_TD, plan = self.few_tokens(xe_TD, routing) if few else self.planned(xe_TD, routing, n_seq)

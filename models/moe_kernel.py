@@ -6,7 +6,8 @@ tensors that no longer fit in cache. The kernel instead splits the rows evenly o
 each thread takes its rows a block at a time (one expert, at most BLOCK_ROWS rows), gathers the
 block's tokens, and runs gate/up, SwiGLU and down on it single-threaded while it is in cache.
 Backward does the same per block and adds each expert's weight gradient up over its blocks.
-The same extension holds the router's top-k and the dispatch plan's sort by expert.
+The same extension holds the router's top-k, the dispatch plan's sort by expert, and a plan-free
+loop for sampling's few tokens (experts_tokens).
 
 It is built on first use with torch.utils.cpp_extension (a C++ compiler and ninja; about 25 s,
 then cached under TORCH_EXTENSIONS_DIR). Where it cannot be built, `kernel()` is None and says
@@ -65,6 +66,20 @@ def usable(x_TD: torch.Tensor) -> bool:
 def runs_on(t: torch.Tensor) -> bool:
     """The kernel's ops take CPU tensors outside torch.compile, once the extension has been built."""
     return t.device.type == "cpu" and not torch.compiler.is_compiling() and kernel() is not None
+
+
+def usable_for_tokens(x_TD: torch.Tensor) -> bool:
+    """experts_tokens runs float32 and float64 CPU tensors outside torch.compile."""
+    return x_TD.dtype in (torch.float32, torch.float64) and runs_on(x_TD)
+
+
+def experts_tokens(x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Tensor, w_gate_up: torch.Tensor,
+                   w_down: torch.Tensor) -> torch.Tensor:
+    """Inference on a handful of tokens: y_TD[t] = sum_k weight_TK[t, k] * SwiGLU_e(x_TD[t]) over the
+    chosen experts e = idx_TK[t, k] < E (indices from E on, zero-computation experts, are skipped).
+    No plan and no row maps; each token reads its experts' weights once (memory-bound, as any
+    one-row matmul), tokens split over threads."""
+    return kernel().experts_tokens(*(t.contiguous() for t in (x_TD, idx_TK, weight_TK, w_gate_up, w_down)))
 
 
 def topk_indices(scores_TE: torch.Tensor, k: int) -> torch.Tensor:

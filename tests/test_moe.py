@@ -81,7 +81,7 @@ def ref_route_token(moe: MoE, x_D: torch.Tensor):
     logits = moe.router.weight.float() @ x_D.float()
     scores = logits.softmax(-1) if cfg.score_func == "softmax" else logits.sigmoid()
     probs = scores / scores.sum()
-    choice = [float(scores[e] + moe.router.expert_bias[e]) for e in range(E)]
+    choice = [float(scores[e].detach() + moe.router.expert_bias[e]) for e in range(E)]
     eligible = list(range(E))
     if cfg.n_groups > 1:
         size = E // cfg.n_groups
@@ -447,26 +447,36 @@ def test_inference_path_matches_training_path(routing, dispatch):
         torch.testing.assert_close(y, moe(x)[0], atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("kernel", [True, False])
 @pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
-def test_few_tokens_path_matches_planned_path(score_func, monkeypatch):
-    """Sampling-sized batches without grad skip the dispatch plan (RoutedExperts.few_tokens): same
-    outputs and expert counts as the planned path, with shared and zero-computation experts."""
+def test_few_tokens_path_matches_planned_path(score_func, kernel, monkeypatch):
+    """Sampling-sized batches without grad skip the dispatch plan (RoutedExperts.few_tokens: in C++
+    through moe_kernel.experts_tokens, or in Python where that does not run): same outputs and
+    expert counts as the planned path, with shared and zero-computation experts."""
     cfg = MoEConfig(d_model=16, n_routed_experts=8, expert_hidden=16, top_k=3, n_shared_experts=1, n_zero_experts=1,
                     n_copy_experts=1, score_func=score_func, init_std=0.5)
     torch.manual_seed(0)
     moe = MoE(cfg).eval()
+    in_cpp = []
+    if kernel:
+        op = moe_kernel.experts_tokens
+        monkeypatch.setattr(moe_kernel, "experts_tokens", lambda *a: in_cpp.append(1) or op(*a))
+    else:
+        monkeypatch.setattr(moe_kernel, "usable_for_tokens", lambda x_TD: False)
     monkeypatch.setattr(RoutedExperts, "few_tokens_max", 4)
-    calls = []
-    monkeypatch.setattr(moe, "planned", lambda *a: calls.append(1) or MoE.planned(moe, *a))
+    monkeypatch.setattr(RoutedExperts, "few_tokens_max_python", 4)
+    planned = []
+    monkeypatch.setattr(moe, "planned", lambda *a: planned.append(1) or MoE.planned(moe, *a))
     for shape in ((1, 16), (1, 1, 16), (4, 16), (5, 16)):
         x = torch.randn(*shape)
         with torch.no_grad():
-            calls.clear()
+            planned.clear(), in_cpp.clear()
             y_few, aux_few = moe(x)
-            assert len(calls) == (shape[0] > 4)  # the plan runs only above few_tokens_max tokens
-            monkeypatch.setattr(RoutedExperts, "few_tokens_max", 0)
+            assert len(planned) == (shape[0] > 4)  # the plan runs only above the few-token limit
+            assert len(in_cpp) == (kernel and shape[0] <= 4)
+            moe.experts.few_tokens_max = moe.experts.few_tokens_max_python = 0  # this instance: always the plan
             y_planned, aux_planned = moe(x)
-            monkeypatch.setattr(RoutedExperts, "few_tokens_max", 4)
+            del moe.experts.few_tokens_max, moe.experts.few_tokens_max_python
         torch.testing.assert_close(y_few, y_planned, atol=1e-6, rtol=1e-6)
         assert torch.equal(aux_few.tokens_per_expert, aux_planned.tokens_per_expert)
         torch.testing.assert_close(y_few, moe(x)[0], atol=1e-6, rtol=1e-6)  # and the training (autograd) path

@@ -7,7 +7,8 @@
 2. The layer on the kernel (dispatch="fused") against the same layer on F.grouped_mm, under token
    choice with drops and under expert choice, forward and gradients.
 3. Where the kernel cannot be built, "fused" says so once and runs grouped_mm.
-4. The router's helpers: top-k indices pick torch.topk's values (NaN included, ties to the lower
+4. The few-token op (sampling) against the same reference, zero-computation indices skipped.
+5. The router's helpers: top-k indices pick torch.topk's values (NaN included, ties to the lower
    index, where torch leaves the order open), and the sort by expert equals argsort(stable=True).
 """
 from __future__ import annotations
@@ -150,6 +151,33 @@ def test_kernel_ops_reject_bad_row_maps_before_any_work():
         with pytest.raises(RuntimeError, match=message):
             ops.experts_forward(args["x"], args["token"], args["ends"], args["w_gu"], args["w_dn"], args["weight"],
                                 False, args["R"])
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_experts_tokens_matches_reference(threads, n_threads, dtype):
+    """The few-token op (sampling): each token through its chosen experts, weighted and summed;
+    indices from E on (zero-computation experts) contribute nothing. H = 20 leaves a partial vector."""
+    threads(n_threads)
+    T, D, H, E, K = 7, 24, 20, 5, 3
+    g = torch.Generator().manual_seed(0)
+    x, w_gu, w_dn = torch.randn(T, D, generator=g), torch.randn(E, D, 2 * H, generator=g), torch.randn(E, H, D, generator=g)
+    idx_TK = torch.randint(E + 2, (T, K), generator=g)  # E and E+1: skipped
+    idx_TK[0] = torch.tensor([E, E + 1, E])  # a token with no routed expert
+    weight_TK = torch.rand(T, K, generator=g)
+    kept = idx_TK < E
+    token_N, expert_N = kept.nonzero(as_tuple=True)[0], idx_TK[kept]
+    order = expert_N.argsort(stable=True)
+    expected = reference(x.double(), w_gu.double(), w_dn.double(), weight_TK[kept][order].double(), token_N[order],
+                         torch.bincount(expert_N, minlength=E))
+    x, weight_TK, w_gu, w_dn = (t.to(dtype) for t in (x, weight_TK, w_gu, w_dn))
+    ours = moe_kernel.experts_tokens(x, idx_TK, weight_TK, w_gu, w_dn)
+    assert ours.dtype == dtype and torch.equal(ours[0], torch.zeros(D, dtype=dtype))
+    torch.testing.assert_close(ours.double(), expected, **(dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else {}))
+    with pytest.raises(RuntimeError, match="idx_TK must be >= 0"):
+        moe_kernel.experts_tokens(x, idx_TK - 1, weight_TK, w_gu, w_dn)
+    with pytest.raises(RuntimeError, match="idx_TK \\(int64\\) and weight_TK must be contiguous \\(T, K\\)"):
+        moe_kernel.experts_tokens(x, idx_TK[:3], weight_TK, w_gu, w_dn)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])

@@ -282,6 +282,67 @@ std::vector<Tensor> experts_backward(const Tensor& g_TD, const Tensor& x_TD, con
 }
 
 // ---------------------------------------------------------------------------------------------
+// sampling: a handful of tokens, each straight through its chosen experts. A row times a weight
+// matrix reads the whole matrix once for a few FLOPs per value, so it runs at memory speed either
+// way; here it costs no dispatch, no plan and no row maps, which at one token cost more than the
+// matmuls. out (C values) += sum_r a[r] * W[r, :] over the R rows of a row-major (R, C) matrix.
+template <typename T>
+void row_times_matrix(const T* a, const T* W, int64_t R, int64_t C, T* out) {
+  for (int64_t r = 0; r < R; ++r) {
+    const Vec<T> a_r(a[r]);
+    const T* w = W + r * C;
+    for (int64_t j = 0; j < C; j += Vec<T>::size()) {
+      const int64_t c = std::min<int64_t>(Vec<T>::size(), C - j);
+      at::vec::fmadd(a_r, Vec<T>::loadu(w + j, c), Vec<T>::loadu(out + j, c)).store(out + j, c);
+    }
+  }
+}
+
+// y_TD[t] = sum over k with idx_TK[t, k] < E of weight_TK[t, k] * SwiGLU_e(x_TD[t]), e = idx_TK[t, k]
+// (indices from E on are zero-computation experts, left to the caller). float and double. The
+// (token, choice) pairs are split over threads, so even one token's experts run in parallel; each
+// pair writes its own row and a token's rows are summed in choice order, whatever the thread count.
+Tensor experts_tokens(const Tensor& x_TD, const Tensor& idx_TK, const Tensor& weight_TK, const Tensor& w_gate_up,
+                      const Tensor& w_down) {
+  TORCH_CHECK(x_TD.dim() == 2 && x_TD.is_contiguous() && (x_TD.scalar_type() == at::kFloat ||
+              x_TD.scalar_type() == at::kDouble), "x_TD must be a contiguous (T, D) float or double tensor, got ",
+              x_TD.sizes(), " ", x_TD.scalar_type());
+  const int64_t T = x_TD.size(0), D = x_TD.size(1);
+  TORCH_CHECK(w_gate_up.dim() == 3 && w_down.dim() == 3 && w_gate_up.size(1) == D && w_down.size(2) == D &&
+              w_gate_up.size(0) == w_down.size(0) && w_gate_up.size(2) == 2 * w_down.size(1),
+              "expert weights must be (E, D, 2H) and (E, H, D) with D = ", D, ", got ", w_gate_up.sizes(),
+              " and ", w_down.sizes());
+  TORCH_CHECK(idx_TK.dim() == 2 && idx_TK.size(0) == T && idx_TK.scalar_type() == at::kLong && idx_TK.is_contiguous() &&
+              weight_TK.sizes() == idx_TK.sizes() && weight_TK.is_contiguous(),
+              "idx_TK (int64) and weight_TK must be contiguous (T, K) tensors, T = ", T);
+  for (const Tensor* t : {&w_gate_up, &w_down, &weight_TK})
+    TORCH_CHECK(t->scalar_type() == x_TD.scalar_type() && t->device() == x_TD.device() && t->is_contiguous(),
+                "weights must be contiguous, on x_TD's device and of its dtype (", x_TD.scalar_type(), ")");
+  const int64_t K = idx_TK.size(1), E = w_down.size(0), H = w_down.size(1);
+  const int64_t* idx = idx_TK.data_ptr<int64_t>();
+  TORCH_CHECK(std::all_of(idx, idx + T * K, [](int64_t e) { return e >= 0; }), "idx_TK must be >= 0");
+  Tensor out_AD = at::zeros({T * K, D}, x_TD.options());  // pair a = t * K + k
+  AT_DISPATCH_FLOATING_TYPES(x_TD.scalar_type(), "experts_tokens", [&] {
+    const scalar_t *x = x_TD.const_data_ptr<scalar_t>(), *weight = weight_TK.const_data_ptr<scalar_t>();
+    const scalar_t *w_gu = w_gate_up.const_data_ptr<scalar_t>(), *w_dn = w_down.const_data_ptr<scalar_t>();
+    scalar_t* out = out_AD.data_ptr<scalar_t>();
+    at::parallel_for(0, T * K, 1, [&](int64_t a0, int64_t a1) {
+      std::vector<scalar_t> gu(2 * H), h(H);
+      for (int64_t a = a0; a < a1; ++a) {
+        const int64_t e = idx[a];
+        if (e >= E) continue;
+        std::fill(gu.begin(), gu.end(), scalar_t(0));
+        row_times_matrix(x + a / K * D, w_gu + e * D * 2 * H, D, 2 * H, gu.data());
+        swiglu_row(gu.data(), gu.data() + H, weight[a], h.data(), H);
+        row_times_matrix(h.data(), w_dn + e * H * D, H, D, out + a * D);
+      }
+    });
+  });
+  Tensor y_TD = out_AD.view({T, K, D}).sum(1);
+  return y_TD;
+}
+
+// ---------------------------------------------------------------------------------------------
 // routing helpers: torch.topk and a stable argsort by expert, specialised to the router's shapes
 
 // (T, E) scores -> (T, K) indices of each row's K largest, largest first; ties go to the lower
@@ -340,6 +401,7 @@ TORCH_LIBRARY(moe_playground, m) {
         "Tensor weight_N, bool save_gate_up, int R) -> Tensor[]");
   m.def("experts_backward(Tensor g_TD, Tensor x_TD, Tensor token_N, Tensor ends_E, Tensor w_gate_up, "
         "Tensor w_down, Tensor weight_N, Tensor gate_up_NH2, int R) -> Tensor[]");
+  m.def("experts_tokens(Tensor x_TD, Tensor idx_TK, Tensor weight_TK, Tensor w_gate_up, Tensor w_down) -> Tensor");
   m.def("topk_indices(Tensor scores_TE, int K) -> Tensor");
   m.def("sort_by_key(Tensor key_A, int n_keys) -> Tensor");
 }
@@ -347,6 +409,7 @@ TORCH_LIBRARY(moe_playground, m) {
 TORCH_LIBRARY_IMPL(moe_playground, CPU, m) {
   m.impl("experts_forward", &experts_forward);
   m.impl("experts_backward", &experts_backward);
+  m.impl("experts_tokens", &experts_tokens);
   m.impl("topk_indices", &topk_indices);
   m.impl("sort_by_key", &sort_by_key);
 }
