@@ -38,7 +38,9 @@ grid      efficiency = time of one matmul chain of the same FLOPs (all T*(k + sh
           so logits have unit spread and loads are uneven as in a trained router: its MaxVio is
           printed) and forced uniform routing (MoEConfig.force_uniform_routing).
           The issue's target: >= 0.9 wherever T*k/E >= 64 rows per expert; a cell that misses it
-          is marked with !.
+          is marked with !. `rt` is the router's own forward+backward (scores, top-k, combine
+          weights) over the chain's time: work every token-choice layer adds to the chain, so
+          where rt > 1/0.9 - 1 = 0.11 the target needs routed experts faster than the chain.
 The last line is JSON with the ratios.
 
 On a CPU shared with other busy processes, run it (and training) with OMP_WAIT_POLICY=PASSIVE:
@@ -228,8 +230,8 @@ def latency(args, summary: dict) -> None:
             summary[f"latency_{cname}"][f"T{T}_weight_bytes"] = round(floor, 2)
 
 
-def grid_cell(E: int, k: int, shared: int, T: int, uniform: bool, repeats: int) -> tuple[float, float]:
-    """-> (efficiency, MaxVio of the routing) of one grid cell."""
+def grid_cell(E: int, k: int, shared: int, T: int, uniform: bool, repeats: int) -> tuple[float, float, float]:
+    """-> (efficiency, MaxVio of the routing, the router's forward+backward time / the chain's) of one cell."""
     D, H = GRID["d_model"], GRID["hidden"]
     torch.manual_seed(0)
     moe = MoE(MoEConfig(d_model=D, n_routed_experts=E, expert_hidden=H, top_k=k, n_shared_experts=shared,
@@ -239,21 +241,29 @@ def grid_cell(E: int, k: int, shared: int, T: int, uniform: bool, repeats: int) 
     chain = SwiGLU(D, H)  # every row of the same work through one expert-sized SwiGLU
     x = torch.randn(T, D, requires_grad=True)
     xc = torch.randn(T * (k + shared), D, requires_grad=True)
+    g_TK = torch.randn(T, k)
+
+    def router() -> None:  # what every token-choice layer adds to the chain: scores, top-k, their backward
+        moe.zero_grad(set_to_none=True)
+        x.grad = None
+        moe.router(x).weights_TK.backward(g_TK)
+
     times = median_ms(interleaved({"moe": train_step(moe, x, torch.randn_like(x)),
-                                   "chain": train_step(chain, xc, torch.randn_like(xc))}, repeats))
+                                   "chain": train_step(chain, xc, torch.randn_like(xc)), "router": router}, repeats))
     with torch.no_grad():
         max_vio = moe(x)[1].max_vio.item()
-    return times["chain"] / times["moe"], max_vio
+    return times["chain"] / times["moe"], max_vio, times["router"] / times["chain"]
 
 
 def grid(args, summary: dict) -> None:
-    misses, hits = [], 0
+    misses, hits, router_bound = [], 0, []
     for uniform in (False, True):
         routing = "forced uniform" if uniform else "learned-like"
         print(f"\n## grid, {routing} routing: efficiency (one-matmul-chain time / ours), forward+backward, "
               f"d_model {GRID['d_model']}, experts of {GRID['hidden']}, {args.grid_repeats} rounds; "
-              f"! = below {TARGET_EFFICIENCY} with >= {TARGET_ROWS_PER_EXPERT} rows per expert")
-        print(f"{'E':>4s} {'k':>2s} {'shared':>6s} " + " ".join(f"{f'T={T}':>14s}" for T in args.grid_tokens))
+              f"! = below {TARGET_EFFICIENCY} with >= {TARGET_ROWS_PER_EXPERT} rows per expert; "
+              f"rt = the router's own forward+backward time / the chain's")
+        print(f"{'E':>4s} {'k':>2s} {'shared':>6s} " + " ".join(f"{f'T={T}':>22s}" for T in args.grid_tokens))
         for E in GRID["E"]:
             for k in GRID["k"]:
                 if k > E:
@@ -261,17 +271,22 @@ def grid(args, summary: dict) -> None:
                 for shared in GRID["shared"]:
                     cells = []
                     for T in args.grid_tokens:
-                        eff, vio = grid_cell(E, k, shared, T, uniform, args.grid_repeats)
+                        eff, vio, rt = grid_cell(E, k, shared, T, uniform, args.grid_repeats)
                         target = T * k / E >= TARGET_ROWS_PER_EXPERT
                         miss = target and eff < TARGET_EFFICIENCY
                         hits += target and not miss
                         if miss:
                             misses.append(f"E{E}k{k}s{shared}T{T}{'u' if uniform else ''}")
-                        cells.append(f"{eff:5.2f}{'!' if miss else ' '}" + ("" if uniform else f" vio {vio:4.2f}"))
-                    print(f"{E:4d} {k:2d} {shared:6d} " + " ".join(f"{c:>14s}" for c in cells))
+                            # reaching the target would take experts faster than the chain by this much
+                            router_bound.append(1 / TARGET_EFFICIENCY - rt < 1)
+                        cells.append(f"{eff:5.2f}{'!' if miss else ' '} rt {rt:4.2f}" + ("" if uniform else f" vio {vio:4.2f}"))
+                    print(f"{E:4d} {k:2d} {shared:6d} " + " ".join(f"{c:>22s}" for c in cells))
     print(f"grid: {hits} of {hits + len(misses)} cells with >= {TARGET_ROWS_PER_EXPERT} rows per expert reach "
-          f"efficiency {TARGET_EFFICIENCY}")
+          f"efficiency {TARGET_EFFICIENCY}; in {sum(router_bound)} of the {len(misses)} misses the router alone "
+          f"takes more than 1/{TARGET_EFFICIENCY} - 1 = {1 / TARGET_EFFICIENCY - 1:.2f} of the chain's time, so "
+          f"the target needs routed experts faster than one matmul chain of the same FLOPs")
     summary["grid_misses"] = misses
+    summary["grid_misses_router_bound"] = [m for m, b in zip(misses, router_bound) if b]
 
 
 def main() -> None:
