@@ -9,7 +9,10 @@ the median. Three sections:
 headline  forward+backward at --tokens tokens on two configs (fine: 64 x 128, top-6, 2 shared;
           coarse: 8 x 512, top-2):
             moe           this layer as configured by default (dispatch="fused": the CPU kernel
-                          of models/moe_kernel.py)
+                          of models/moe_kernel.py, its block matmuls as moe_kernel.own_matmul()
+                          picks for this CPU, printed above the table)
+            moe_blas      the same kernel with torch's BLAS for its block matmuls
+                          (MOE_PLAYGROUND_MATMUL=blas); the dense floor and transformers run BLAS
             moe_grouped   this layer with dispatch="grouped_mm" (F.grouped_mm, what "fused" falls
                           back to where the kernel cannot run)
             moe_padded    this layer with dispatch="padded_bmm" (dispatch="auto" runs the kernel
@@ -56,6 +59,7 @@ import os
 import statistics
 import time
 from typing import Callable
+from unittest import mock
 
 import torch
 import torch.nn as nn
@@ -63,6 +67,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from moe_playground.models import moe_kernel
 from moe_playground.models.moe import MoE, MoEConfig
 from moe_playground.models.transformer import SwiGLU
 
@@ -81,7 +86,8 @@ TARGET_ROWS_PER_EXPERT, TARGET_EFFICIENCY = 64, 0.9
 
 def build(name: str, cfg: MoEConfig) -> nn.Module:
     if name.startswith("moe"):
-        dispatch = {"moe": "fused", "moe_plan": "fused", "moe_grouped": "grouped_mm", "moe_padded": "padded_bmm"}[name]
+        dispatch = {"moe": "fused", "moe_blas": "fused", "moe_plan": "fused", "moe_grouped": "grouped_mm",
+                    "moe_padded": "padded_bmm"}[name]
         return MoE(MoEConfig(**{**cfg.__dict__, "dispatch": dispatch}))
     if name.startswith("dense"):
         return SwiGLU(cfg.d_model, cfg.experts_per_token * cfg.hidden_per_expert + cfg.shared_hidden)
@@ -102,11 +108,13 @@ def step(model: nn.Module, x: torch.Tensor, g: torch.Tensor) -> None:
     y.backward(g)  # a dense incoming gradient, as from a real loss
 
 
-def train_step(model: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Callable[[], None]:
+def train_step(model: nn.Module, x: torch.Tensor, g: torch.Tensor, matmul: str | None = None) -> Callable[[], None]:
+    """One forward+backward; matmul: MOE_PLAYGROUND_MATMUL for its duration (the fused kernel's block matmuls)."""
     def run() -> None:
         model.zero_grad(set_to_none=True)
         x.grad = None
-        step(model, x, g)
+        with mock.patch.dict(os.environ, {"MOE_PLAYGROUND_MATMUL": matmul} if matmul else {}):
+            step(model, x, g)
     return run
 
 
@@ -159,7 +167,7 @@ def peak_bytes(model: nn.Module, x: torch.Tensor, g: torch.Tensor) -> int:
 
 
 def headline(args, summary: dict) -> None:
-    candidates = ["moe", "moe_grouped", "moe_padded", "dense_floor"] + [f"hf_{i}" for i in HF_IMPLS]
+    candidates = ["moe", "moe_blas", "moe_grouped", "moe_padded", "dense_floor"] + [f"hf_{i}" for i in HF_IMPLS]
     rows, skipped = [], []
     for cname in args.configs:
         cfg = MoEConfig(**CONFIGS[cname])
@@ -172,7 +180,8 @@ def headline(args, summary: dict) -> None:
         models = {n: build(n, cfg) for n in todo}
         x = torch.randn(args.tokens // 8, 8, cfg.d_model, requires_grad=True)
         g = torch.randn_like(x)
-        times = interleaved({n: train_step(m, x, g) for n, m in models.items()}, args.repeats)
+        times = interleaved({n: train_step(m, x, g, "blas" if n == "moe_blas" else None) for n, m in models.items()},
+                            args.repeats)
         med = median_ms(times)
         peak = {n: peak_bytes(m, x, g) / 2**20 for n, m in models.items()}
         for n in todo:
@@ -180,6 +189,7 @@ def headline(args, summary: dict) -> None:
         hf_best = min((n for n in todo if n.startswith("hf_")), key=med.get)
         summary[cname] = {
             "moe_over_dense": round(med["moe"] / med["dense_floor"], 3),
+            "moe_blas_over_dense": round(med["moe_blas"] / med["dense_floor"], 3),
             "moe_grouped_over_dense": round(med["moe_grouped"] / med["dense_floor"], 3),
             "moe_padded_over_dense": round(med["moe_padded"] / med["dense_floor"], 3),
             "moe_over_hf_best": round(med["moe"] / med[hf_best], 3),
@@ -314,7 +324,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, "
-          f"torch {torch.__version__}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+          f"torch {torch.__version__}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, fused kernel's block matmuls: "
+          f"{'its own' if moe_kernel.own_matmul() else 'BLAS'} (MOE_PLAYGROUND_MATMUL="
+          f"{os.environ.get('MOE_PLAYGROUND_MATMUL', 'auto')})")
     summary = {}
     for name in sections:
         {"headline": headline, "latency": latency, "grid": grid}[name](args, summary)

@@ -57,16 +57,20 @@ def reference(x_TD, w_gate_up, w_down, weight_N, token_N, counts_E):
 
 @pytest.mark.parametrize("n_threads", [1, 2])
 @pytest.mark.parametrize("block_rows", [5, 1024])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_matches_reference(monkeypatch, threads, n_threads, block_rows, dtype):
+@pytest.mark.parametrize("dtype, matmul", [(torch.float32, "own"), (torch.float32, "blas"), (torch.float64, "own"),
+                                           (torch.bfloat16, "auto")])
+def test_kernel_matches_reference(monkeypatch, threads, n_threads, block_rows, dtype, matmul):
+    """Widths that leave whole and partial vector strips (D = 52, 2H = 56) for the kernel's own
+    matmul; blocks of 5 rows leave row tiles of every height."""
     assert moe_kernel.kernel() is not None, "the kernel must build here (a C++ compiler and ninja)"
     threads(n_threads)
     monkeypatch.setattr(moe_kernel, "BLOCK_ROWS", block_rows)
-    T, D, H, E, K = 37, 16, 8, 6, 2
+    monkeypatch.setenv("MOE_PLAYGROUND_MATMUL", matmul)
+    T, D, H, E, K = 37, 52, 28, 6, 2
     token_N, counts_E, weight_N = routed_rows(T, E, K, n_pad=3, empty=2)
     g = torch.Generator().manual_seed(1)
-    inputs = [torch.randn(T, D, generator=g), torch.randn(E, D, 2 * H, generator=g) / 4,
-              torch.randn(E, H, D, generator=g) / 4, weight_N]
+    inputs = [torch.randn(T, D, generator=g), torch.randn(E, D, 2 * H, generator=g) / D ** 0.5,
+              torch.randn(E, H, D, generator=g) / H ** 0.5, weight_N]
     g_TD = torch.randn(T, D, generator=g)
 
     ref = [t.double().requires_grad_() for t in inputs]
@@ -76,7 +80,8 @@ def test_kernel_matches_reference(monkeypatch, threads, n_threads, block_rows, d
     y = moe_kernel.fused_experts(*ours, token_N, counts_E.cumsum(0), combine)
     y.backward(g_TD.to(dtype))
 
-    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
+    tol = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.float64: dict(atol=1e-10, rtol=1e-10),
+           torch.bfloat16: dict(atol=0.1, rtol=0.05)}[dtype]
     torch.testing.assert_close(y.double(), reference(*[t.detach() for t in ref], token_N, counts_E), **tol)
     for name, a, b in zip(("x", "w_gate_up", "w_down", "weight"), ours, ref):
         torch.testing.assert_close(a.grad.double(), b.grad, **tol, msg=name)
@@ -135,7 +140,7 @@ def test_kernel_ops_reject_bad_row_maps_before_any_work():
     T, D, H, E = 5, 8, 4, 3
     x, w_gu, w_dn = torch.randn(T, D), torch.randn(E, D, 2 * H), torch.randn(E, H, D)
     token, ends, weight = torch.tensor([0, 1, 2, 3, 4, 5]), torch.tensor([2, 4, 6]), torch.rand(6)
-    ops.experts_forward(x, token, ends, w_gu, w_dn, weight, False, 4)  # token 5 = T: a zero row, allowed
+    ops.experts_forward(x, token, ends, w_gu, w_dn, weight, False, 4, True)  # token 5 = T: a zero row, allowed
     bad = {
         "token_N values must be tokens in \\[0, T\\]": dict(token=torch.tensor([0, 1, 2, 3, 4, 6])),
         "token_N values": dict(token=torch.tensor([0, 1, -1, 3, 4, 5])),
@@ -150,7 +155,7 @@ def test_kernel_ops_reject_bad_row_maps_before_any_work():
         args = dict(x=x, token=token, ends=ends, w_gu=w_gu, w_dn=w_dn, weight=weight, R=4) | change
         with pytest.raises(RuntimeError, match=message):
             ops.experts_forward(args["x"], args["token"], args["ends"], args["w_gu"], args["w_dn"], args["weight"],
-                                False, args["R"])
+                                False, args["R"], True)
 
 
 @pytest.mark.parametrize("n_threads", [1, 2])
@@ -202,3 +207,18 @@ def test_stable_argsort_is_argsort_stable():
         assert torch.equal(moe_kernel.stable_argsort(key, n_keys), key.argsort(stable=True))
     with pytest.raises(RuntimeError, match="keys must lie in \\[0, n_keys\\), n_keys = 4"):
         moe_kernel.stable_argsort(torch.tensor([0, 4, 1]), 4)
+
+
+def test_matmul_choice_follows_the_environment(monkeypatch):
+    """MOE_PLAYGROUND_MATMUL: "own" and "blas" force the kernel's block matmuls, "auto" asks whether
+    the CPU has AVX-512 that MKL leaves unused, anything else is an error naming the choices."""
+    for choice, own in (("own", True), ("blas", False)):
+        monkeypatch.setenv("MOE_PLAYGROUND_MATMUL", choice)
+        assert moe_kernel.own_matmul() is own
+    monkeypatch.setenv("MOE_PLAYGROUND_MATMUL", "auto")
+    for not_intel in (True, False):
+        monkeypatch.setattr(moe_kernel, "avx512_not_intel", lambda: not_intel)
+        assert moe_kernel.own_matmul() is not_intel
+    monkeypatch.setenv("MOE_PLAYGROUND_MATMUL", "mkl")
+    with pytest.raises(ValueError, match="MOE_PLAYGROUND_MATMUL='mkl' must be one of \\('auto', 'blas', 'own'\\)"):
+        moe_kernel.own_matmul()
