@@ -28,8 +28,8 @@ headline  forward+backward at --tokens tokens on two configs (fine: 64 x 128, to
           threads x 1024 rows x (2D + 4H) values, plus two experts' weight gradients per thread).
 latency   sampling-sized batches (T in 1, 4, 8, 64), forward only, eval mode, no grad: moe and
           moe_grouped against the dense floor on both configs; `plan` is moe with the few-token path
-          off (RoutedExperts.few_tokens_max = 0: every batch through the dispatch plan; moe takes
-          the few-token path, moe_kernel.experts_tokens, up to 32 tokens). T tokens
+          off (every batch through the dispatch plan; moe takes the few-token path,
+          moe_kernel.experts_tokens, while T*k <= 2 per expert: RoutedExperts.few_tokens_limit). T tokens
           reach up to T*k distinct experts, so the MoE must read more weight bytes than the dense
           floor: column `bytes` is that ratio (router, shared experts and every expert chosen at
           least once / the dense floor's weights), a floor on the time ratio wherever reading
@@ -223,7 +223,7 @@ def latency(args, summary: dict) -> None:
         torch.manual_seed(0)
         models = {n: build(n, cfg).eval() for n in ("moe", "moe_grouped", "moe_plan", "dense_floor")}
         models["moe_plan"].load_state_dict(models["moe"].state_dict())
-        models["moe_plan"].experts.few_tokens_max = models["moe_plan"].experts.few_tokens_max_python = 0
+        models["moe_plan"].experts.few_tokens_limit = lambda x_TD, top_k: 0
         for T in LATENCY_TOKENS:
             x = torch.randn(T, cfg.d_model)
             with torch.no_grad():

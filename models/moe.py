@@ -491,15 +491,19 @@ class RoutedExperts(nn.Module):
     # inference runs looped_mm below this many rows per expert (most experts then have none: grouped_mm
     # would still visit them all); measured crossover on CPU, benchmarks/moe_layer.py latency section
     loop_below_rows_per_expert = 1.0
-    # inference on at most this many tokens skips the dispatch plan: few_tokens (sampling's batches).
-    # Measured crossovers against the plan (benchmarks/moe_layer.py latency, `plan` column): through
-    # moe_kernel.experts_tokens up to 32 tokens (fine config at 32: 977 vs 1023 us; at 64: 1953 vs
-    # 1505); through the Python loop, where that op does not run, up to 4
-    few_tokens_max = 32
+    # inference on at most few_tokens_limit() tokens skips the dispatch plan: few_tokens (sampling's
+    # batches). Measured crossovers against the plan (benchmarks/moe_layer.py latency, `plan` column):
+    # through moe_kernel.experts_tokens while the T*K assignments are at most 2 per expert (fine
+    # config, 64 experts top-6: 543 vs 648 us at 16 tokens, 1058 vs 900 at 32; coarse, 8 experts
+    # top-2: 215 vs 264 at 8, 396 vs 326 at 16); through the Python loop, where that op does not
+    # run, up to 4 tokens
+    few_rows_per_expert = 2
     few_tokens_max_python = 4
 
-    def few_tokens_limit(self, x_TD: torch.Tensor) -> int:
-        return self.few_tokens_max if moe_kernel.usable_for_tokens(x_TD) else self.few_tokens_max_python
+    def few_tokens_limit(self, x_TD: torch.Tensor, top_k: int) -> int:
+        if moe_kernel.usable_for_tokens(x_TD):
+            return max(1, self.few_rows_per_expert * self.w_down.shape[0] // top_k)
+        return self.few_tokens_max_python
 
     def few_tokens(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Tensor) -> torch.Tensor:
         """forward's result, without grad, for a handful of tokens straight from the router's choices:
@@ -885,7 +889,7 @@ class MoE(nn.Module):
         xe_TD = x_TD.to(dtype)
 
         routing = self.router(x_TD)
-        few = cfg.routing == "token_choice" and T <= self.experts.few_tokens_limit(xe_TD) \
+        few = cfg.routing == "token_choice" and T <= self.experts.few_tokens_limit(xe_TD, cfg.experts_per_token) \
             and cfg.capacity(T, self.training) is None and not needs_grad(xe_TD, self.experts.w_gate_up) \
             and not torch.compiler.is_compiling()  # its per-token loop would break the graph
         y_TD, plan = self.few_tokens(xe_TD, routing) if few else self.planned(xe_TD, routing, n_seq)

@@ -463,8 +463,9 @@ def test_few_tokens_path_matches_planned_path(score_func, kernel, monkeypatch):
         monkeypatch.setattr(moe_kernel, "experts_tokens", lambda *a: in_cpp.append(1) or op(*a))
     else:
         monkeypatch.setattr(moe_kernel, "usable_for_tokens", lambda x_TD: False)
-    monkeypatch.setattr(RoutedExperts, "few_tokens_max", 4)
-    monkeypatch.setattr(RoutedExperts, "few_tokens_max_python", 4)
+    # the limits: 2 assignments per expert through the C++ loop (8 experts, top-3: 5 tokens), 4 in Python
+    assert moe.experts.few_tokens_limit(torch.zeros(1, 16), 3) == (5 if kernel else 4)
+    monkeypatch.setattr(RoutedExperts, "few_tokens_limit", lambda self, x_TD, top_k: 4)
     planned = []
     monkeypatch.setattr(moe, "planned", lambda *a: planned.append(1) or MoE.planned(moe, *a))
     for shape in ((1, 16), (1, 1, 16), (4, 16), (5, 16)):
@@ -474,9 +475,9 @@ def test_few_tokens_path_matches_planned_path(score_func, kernel, monkeypatch):
             y_few, aux_few = moe(x)
             assert len(planned) == (shape[0] > 4)  # the plan runs only above the few-token limit
             assert len(in_cpp) == (kernel and shape[0] <= 4)
-            moe.experts.few_tokens_max = moe.experts.few_tokens_max_python = 0  # this instance: always the plan
+            moe.experts.few_tokens_limit = lambda x_TD, top_k: 0  # this instance: always the plan
             y_planned, aux_planned = moe(x)
-            del moe.experts.few_tokens_max, moe.experts.few_tokens_max_python
+            del moe.experts.few_tokens_limit
         torch.testing.assert_close(y_few, y_planned, atol=1e-6, rtol=1e-6)
         assert torch.equal(aux_few.tokens_per_expert, aux_planned.tokens_per_expert)
         torch.testing.assert_close(y_few, moe(x)[0], atol=1e-6, rtol=1e-6)  # and the training (autograd) path
