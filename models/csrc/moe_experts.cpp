@@ -131,8 +131,16 @@ void weighted_swiglu_backward(const scalar_t* gu, const scalar_t* d_h, const sca
 
 // ---------------------------------------------------------------------------------------------
 // the block's matmuls: BLAS (at::mm_out), or a register-tiled kernel of our own where moe_kernel.py
-// asks for it (OWN_MATMUL: MKL, torch's BLAS on x86, runs its AVX-512 code only on Intel CPUs, and
-// this kernel, built for AVX-512, beats it by ~1.4x on other AVX-512 CPUs).
+// asks for it (own_matmul(): MKL, torch's BLAS on x86, runs its AVX-512 code only on Intel CPUs;
+// on an AMD EPYC this kernel, built for AVX-512, runs the benchmark's blocks ~1.3x faster).
+
+// A register tile: TILE_ROWS x TILE_VECS vector accumulators, plus TILE_VECS vectors of b and one
+// broadcast of a, within the vector registers (32 with AVX-512, 16 below)
+#ifdef CPU_CAPABILITY_AVX512
+constexpr int TILE_ROWS = 6, TILE_VECS = 4;
+#else
+constexpr int TILE_ROWS = 4, TILE_VECS = 3;
+#endif
 
 // c[0:R, 0:cols] = (c +) a[0:R, 0:K] @ b[0:K, 0:cols]. a's row r starts at a + r * lda, or with
 // TRANS_A a is stored transposed (element (r, k) at a[k * lda + r]); b's rows are ldb apart. R x NV
@@ -141,7 +149,7 @@ void weighted_swiglu_backward(const scalar_t* gu, const scalar_t* d_h, const sca
 template <typename T, int R, bool TRANS_A, bool FULL>
 void tile(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t K, T* c, int64_t ldc, int64_t cols,
           bool accumulate) {
-  constexpr int NV = 3;
+  constexpr int NV = TILE_VECS;
   constexpr int64_t S = Vec<T>::size();
   int64_t count[NV];
   for (int v = 0; v < NV; ++v) count[v] = std::clamp<int64_t>(cols - v * S, 0, S);
@@ -166,27 +174,31 @@ void tile(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t K, T* c, int
 template <typename T, int R, bool TRANS_A>
 void tile(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t K, T* c, int64_t ldc, int64_t cols,
           bool accumulate) {
-  if (cols == 3 * Vec<T>::size()) tile<T, R, TRANS_A, true>(a, lda, b, ldb, K, c, ldc, cols, accumulate);
+  if (cols == TILE_VECS * Vec<T>::size()) tile<T, R, TRANS_A, true>(a, lda, b, ldb, K, c, ldc, cols, accumulate);
   else tile<T, R, TRANS_A, false>(a, lda, b, ldb, K, c, ldc, cols, accumulate);
 }
 
-// c (M x N, rows ldc apart) = (c +) a (M x K) @ b (K x N), one strip of 3 vectors of columns at a
-// time (its K rows of b stay in cache while 4 rows of a at a time run over them)
+// the last rows of a strip, fewer than TILE_ROWS: a tile of that height
+template <typename T, bool TRANS_A, int R = TILE_ROWS - 1>
+void tail_tile(int64_t rows, const T* a, int64_t lda, const T* b, int64_t ldb, int64_t K, T* c, int64_t ldc,
+               int64_t cols, bool accumulate) {
+  if (rows == R) tile<T, R, TRANS_A>(a, lda, b, ldb, K, c, ldc, cols, accumulate);
+  else if constexpr (R > 1) tail_tile<T, TRANS_A, R - 1>(rows, a, lda, b, ldb, K, c, ldc, cols, accumulate);
+}
+
+// c (M x N, rows ldc apart) = (c +) a (M x K) @ b (K x N), one strip of TILE_VECS vectors of columns
+// at a time (its K rows of b stay in cache while TILE_ROWS rows of a at a time run over them)
 template <typename T, bool TRANS_A>
 void gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc,
           bool accumulate) {
-  constexpr int R = 4;
-  const int64_t strip = 3 * Vec<T>::size();
+  const int64_t strip = TILE_VECS * Vec<T>::size();
+  auto a_row = [&](int64_t m) { return TRANS_A ? a + m : a + m * lda; };
   for (int64_t j = 0; j < N; j += strip) {
     const int64_t cols = std::min(strip, N - j);
     int64_t m = 0;
-    auto a_row = [&](int64_t m) { return TRANS_A ? a + m : a + m * lda; };
-    for (; m + R <= M; m += R) tile<T, R, TRANS_A>(a_row(m), lda, b + j, ldb, K, c + m * ldc + j, ldc, cols, accumulate);
-    switch (M - m) {
-      case 3: tile<T, 3, TRANS_A>(a_row(m), lda, b + j, ldb, K, c + m * ldc + j, ldc, cols, accumulate); break;
-      case 2: tile<T, 2, TRANS_A>(a_row(m), lda, b + j, ldb, K, c + m * ldc + j, ldc, cols, accumulate); break;
-      case 1: tile<T, 1, TRANS_A>(a_row(m), lda, b + j, ldb, K, c + m * ldc + j, ldc, cols, accumulate); break;
-    }
+    for (; m + TILE_ROWS <= M; m += TILE_ROWS)
+      tile<T, TILE_ROWS, TRANS_A>(a_row(m), lda, b + j, ldb, K, c + m * ldc + j, ldc, cols, accumulate);
+    if (m < M) tail_tile<T, TRANS_A>(M - m, a_row(m), lda, b + j, ldb, K, c + m * ldc + j, ldc, cols, accumulate);
   }
 }
 
