@@ -19,6 +19,8 @@ headline  forward+backward at --tokens tokens on two configs (fine: 64 x 128, to
                           where it can, so it times as moe)
             dense_floor   models.transformer.SwiGLU with the same active FLOPs per token (what no
                           sparse layer can beat), with the same cat-free activation backward
+            dense_kernel  the same dense SwiGLU through the fused kernel (one expert, every token
+                          one row): the floor for `moe`'s own matmul, where torch's BLAS is slower
             hf_<impl>     transformers' Qwen2MoeSparseMoeBlock under each experts implementation;
                           batched_mm gathers a full copy of the expert weights for every
                           token-expert pair, so it is skipped, and said so, above --max-gib
@@ -84,13 +86,31 @@ GRID = dict(E=(8, 32, 64, 128), k=(1, 2, 6, 8), shared=(0, 2), d_model=256, hidd
 TARGET_ROWS_PER_EXPERT, TARGET_EFFICIENCY = 64, 0.9
 
 
+class DenseOnKernel(nn.Module):
+    """A dense SwiGLU of `hidden` units run by the fused MoE kernel as a single expert that every token
+    reaches once, so it runs the kernel's block matmuls."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.w_gate_up = nn.Parameter(torch.randn(1, d_model, 2 * hidden) * 0.02)
+        self.w_down = nn.Parameter(torch.randn(1, hidden, d_model) * 0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_TD = x.reshape(-1, x.shape[-1])
+        T = x_TD.shape[0]
+        y_TD = moe_kernel.fused_experts(x_TD, self.w_gate_up, self.w_down, x_TD.new_ones(T), torch.arange(T),
+                                        torch.tensor([T]), lambda out_TD: out_TD)  # one row per token: no sum
+        return y_TD.view(x.shape)
+
+
 def build(name: str, cfg: MoEConfig) -> nn.Module:
     if name.startswith("moe"):
         dispatch = {"moe": "fused", "moe_blas": "fused", "moe_plan": "fused", "moe_grouped": "grouped_mm",
                     "moe_padded": "padded_bmm"}[name]
         return MoE(MoEConfig(**{**cfg.__dict__, "dispatch": dispatch}))
     if name.startswith("dense"):
-        return SwiGLU(cfg.d_model, cfg.experts_per_token * cfg.hidden_per_expert + cfg.shared_hidden)
+        dense = DenseOnKernel if name == "dense_kernel" else SwiGLU
+        return dense(cfg.d_model, cfg.experts_per_token * cfg.hidden_per_expert + cfg.shared_hidden)
     from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeConfig, Qwen2MoeSparseMoeBlock
     hf_cfg = Qwen2MoeConfig(hidden_size=cfg.d_model, moe_intermediate_size=cfg.hidden_per_expert,
                             shared_expert_intermediate_size=cfg.shared_hidden, num_experts=cfg.n_experts,
@@ -167,7 +187,8 @@ def peak_bytes(model: nn.Module, x: torch.Tensor, g: torch.Tensor) -> int:
 
 
 def headline(args, summary: dict) -> None:
-    candidates = ["moe", "moe_blas", "moe_grouped", "moe_padded", "dense_floor"] + [f"hf_{i}" for i in HF_IMPLS]
+    candidates = ["moe", "moe_blas", "moe_grouped", "moe_padded", "dense_floor", "dense_kernel"] + \
+        [f"hf_{i}" for i in HF_IMPLS]
     rows, skipped = [], []
     for cname in args.configs:
         cfg = MoEConfig(**CONFIGS[cname])
@@ -185,11 +206,13 @@ def headline(args, summary: dict) -> None:
         med = median_ms(times)
         peak = {n: peak_bytes(m, x, g) / 2**20 for n, m in models.items()}
         for n in todo:
-            rows.append((cname, n, med[n], min(times[n]) * 1e3, peak[n], med[n] / med["dense_floor"]))
+            rows.append((cname, n, med[n], min(times[n]) * 1e3, peak[n], med[n] / med["dense_floor"],
+                         med[n] / med["dense_kernel"]))
         hf_best = min((n for n in todo if n.startswith("hf_")), key=med.get)
         summary[cname] = {
             "moe_over_dense": round(med["moe"] / med["dense_floor"], 3),
             "moe_blas_over_dense": round(med["moe_blas"] / med["dense_floor"], 3),
+            "moe_over_dense_kernel": round(med["moe"] / med["dense_kernel"], 3),
             "moe_grouped_over_dense": round(med["moe_grouped"] / med["dense_floor"], 3),
             "moe_padded_over_dense": round(med["moe_padded"] / med["dense_floor"], 3),
             "moe_over_hf_best": round(med["moe"] / med[hf_best], 3),
@@ -198,9 +221,10 @@ def headline(args, summary: dict) -> None:
             "moe_peak_over_hf_best": round(peak["moe"] / peak[hf_best], 3),
         }
     print(f"\n## headline: T={args.tokens}, forward+backward, {args.repeats} interleaved rounds")
-    print(f"{'config':8s} {'impl':16s} {'median ms':>10s} {'min ms':>8s} {'peak MiB':>9s} {'/dense':>7s}")
-    for cname, n, m, lo, pk, r in rows:
-        print(f"{cname:8s} {n:16s} {m:10.1f} {lo:8.1f} {pk:9.1f} {r:7.2f}")
+    print(f"{'config':8s} {'impl':16s} {'median ms':>10s} {'min ms':>8s} {'peak MiB':>9s} {'/dense':>7s} "
+          f"{'/dense_kernel':>13s}")
+    for cname, n, m, lo, pk, r, rk in rows:
+        print(f"{cname:8s} {n:16s} {m:10.1f} {lo:8.1f} {pk:9.1f} {r:7.2f} {rk:13.2f}")
     for line in skipped:
         print(line)
 
