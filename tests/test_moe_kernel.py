@@ -222,3 +222,42 @@ def test_matmul_choice_follows_the_environment(monkeypatch):
     monkeypatch.setenv("MOE_PLAYGROUND_MATMUL", "mkl")
     with pytest.raises(ValueError, match="MOE_PLAYGROUND_MATMUL='mkl' must be one of \\('auto', 'blas', 'own'\\)"):
         moe_kernel.own_matmul()
+
+
+@pytest.mark.parametrize("shared_gate", [False, True])
+def test_shared_experts_through_the_kernel_match_the_module(monkeypatch, shared_gate):
+    """Where the kernel runs its own matmul, the shared SwiGLU runs through it (one expert that every
+    token reaches, the Qwen2-MoE gate as combine weights) from shared_on_kernel_min_tokens tokens:
+    the module's output and gradients. A hook on the module (or a wrapper around its linears) keeps
+    the module's own forward."""
+    cfg = MoEConfig(d_model=16, n_routed_experts=4, expert_hidden=8, top_k=2, n_shared_experts=2,
+                    shared_gate=shared_gate, init_std=0.3)
+    torch.manual_seed(0)
+    moe = MoE(cfg)
+    x = torch.randn(2, 5, 16)
+    monkeypatch.setattr(MoE, "shared_on_kernel_min_tokens", 10)
+    kernel_calls = []
+    fused = moe_kernel.fused_experts
+    monkeypatch.setattr(moe_kernel, "fused_experts", lambda *a: kernel_calls.append(1) or fused(*a))
+
+    def run(own: bool):
+        monkeypatch.setattr(moe_kernel, "own_matmul", lambda: own)
+        kernel_calls.clear()
+        moe.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_()
+        y = moe(xg)[0]
+        y.square().sum().backward()
+        return [y, xg.grad] + [p.grad for p in moe.parameters()], len(kernel_calls)
+
+    on_kernel, calls = run(True)
+    assert calls == 2  # the routed experts, then the shared ones
+    on_module, calls = run(False)
+    assert calls == 1
+    assert moe.shared.gate_up.weight.grad.abs().sum() > 0
+    monkeypatch.setattr(MoE, "shared_on_kernel_min_tokens", 11)
+    assert run(True)[1] == 1
+    for a, b in zip(on_kernel, on_module):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    seen = []
+    moe.shared.register_forward_hook(lambda *args: seen.append(1))
+    assert run(True)[1] == 1 and seen == [1]
