@@ -907,8 +907,8 @@ class MoE(nn.Module):
         combine weights, on batches of at least shared_on_kernel_min_tokens; else, or when its
         linears are not plain nn.Linear without hooks (a LoRA wrapper, say), the module runs."""
         gate_T1 = torch.sigmoid(self.shared_gate(x_TD)) if self.shared_gate is not None else None
-        if not (x_TD.shape[0] >= self.shared_on_kernel_min_tokens and moe_kernel.usable(xe_TD)
-                and moe_kernel.own_matmul() and self.plain_shared()):
+        if not (x_TD.shape[0] >= self.shared_on_kernel_min_tokens
+                and moe_kernel.runs_own_matmul(xe_TD) and self.plain_shared()):
             shared_TD = self.shared(x_TD)
             return shared_TD if gate_T1 is None else gate_T1 * shared_TD
         T, dtype = xe_TD.shape[0], xe_TD.dtype

@@ -28,6 +28,7 @@ import torch
 SOURCE = Path(__file__).parent / "csrc" / "moe_experts.cpp"
 BLOCK_ROWS = 1024  # rows per block; measured on the benchmark configs: 512 and up alike, 256 and below slower
 DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+VECTOR_DTYPES = (torch.float32, torch.float64)  # what the kernel's own matmul and experts_tokens take (bf16 runs BLAS)
 # compiler flags of the instruction sets torch.backends.cpu.get_cpu_capability() names on x86, as
 # torch builds its own CPU kernels; elsewhere at::vec's portable code runs
 VECTOR_FLAGS = {"AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
@@ -99,7 +100,12 @@ def runs_on(t: torch.Tensor) -> bool:
 
 def usable_for_tokens(x_TD: torch.Tensor) -> bool:
     """experts_tokens runs float32 and float64 CPU tensors outside torch.compile."""
-    return x_TD.dtype in (torch.float32, torch.float64) and runs_on(x_TD)
+    return x_TD.dtype in VECTOR_DTYPES and runs_on(x_TD)
+
+
+def runs_own_matmul(x_TD: torch.Tensor) -> bool:
+    """The fused experts on x_TD run the kernel's own block matmuls (float32 and float64, own_matmul())."""
+    return x_TD.dtype in VECTOR_DTYPES and runs_on(x_TD) and own_matmul()
 
 
 def experts_tokens(x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Tensor, w_gate_up: torch.Tensor,
