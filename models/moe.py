@@ -112,8 +112,9 @@ class MoEConfig:
     # that many per expert, e.g. the training capacity_factor to evaluate as trained
     eval_capacity_factor: Optional[float] = None
     # how the experts run on their tokens: "fused" (the CPU kernel of models/moe_kernel.py:
-    # gather, gate/up, SwiGLU and down per block of rows in cache, rows split over threads;
-    # grouped_mm where it does not run: other devices and dtypes, torch.compile, no compiler),
+    # gather, gate/up, SwiGLU and down per block of rows in cache, rows split over threads, with
+    # BLAS or its own AVX-512 matmul, see moe_kernel.own_matmul; grouped_mm where it does not run:
+    # other devices and dtypes, torch.compile, no compiler),
     # "grouped_mm" (F.grouped_mm, one grouped matmul per projection), "padded_bmm" (every
     # expert's group padded to the largest, one bmm), "auto" (fused where the kernel runs, else
     # padded_bmm while padding adds <= 25% rows, else grouped_mm), "loop" (a Python loop over
