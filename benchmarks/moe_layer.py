@@ -316,9 +316,10 @@ def grid(args, summary: dict) -> None:
                         cells.append(f"{eff:5.2f}{'!' if miss else ' '} rt {rt:4.2f}" + ("" if uniform else f" vio {vio:4.2f}"))
                     print(f"{E:4d} {k:2d} {shared:6d} " + " ".join(f"{c:>22s}" for c in cells))
     print(f"grid: {hits} of {hits + len(misses)} cells with >= {TARGET_ROWS_PER_EXPERT} rows per expert reach "
-          f"efficiency {TARGET_EFFICIENCY}; in {sum(router_bound)} of the {len(misses)} misses the router alone "
-          f"takes more than 1/{TARGET_EFFICIENCY} - 1 = {1 / TARGET_EFFICIENCY - 1:.2f} of the chain's time, so "
-          f"the target needs routed experts faster than one matmul chain of the same FLOPs")
+          f"efficiency {TARGET_EFFICIENCY}" + (
+              f"; in {sum(router_bound)} of the {len(misses)} misses the router alone takes more than "
+              f"1/{TARGET_EFFICIENCY} - 1 = {1 / TARGET_EFFICIENCY - 1:.2f} of the chain's time, so the target needs "
+              f"routed experts faster than one matmul chain of the same FLOPs" if misses else ""))
     summary["grid_misses"] = misses
     summary["grid_misses_router_bound"] = [m for m, b in zip(misses, router_bound) if b]
 
