@@ -27,7 +27,8 @@ headline  forward+backward at --tokens tokens on two configs (fine: 64 x 128, to
           with each one's peak memory: the high-water mark of tensor storage created during one
           forward+backward (tracked op by op with a dispatch mode), above what was live before.
           The fused kernel's outputs are counted; its per-thread block buffers are not (at most
-          threads x 1024 rows x (2D + 4H) values, plus two experts' weight gradients per thread).
+          threads x BLOCK_ROWS (256) rows x (2D + 4H) values, the transposed weights of one expert and two
+          experts' weight gradients per thread).
 latency   sampling-sized batches (T in 1, 4, 8, 64), forward only, eval mode, no grad: moe and
           moe_grouped against the dense floor on both configs; `plan` is moe with the few-token path
           off (every batch through the dispatch plan; moe takes the few-token path,

@@ -26,16 +26,16 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "moe_experts.cpp"
-BLOCK_ROWS = 1024  # rows per block; measured on the benchmark configs: 512 and up alike, 256 and below slower
+# rows per block; measured on the benchmark's configs with the kernel's own matmul: coarse 48.4, 48.6,
+# 48.9 and 53.1 ms at 128, 256, 512 and 1024 rows, fine 55.9-57.7 alike (with BLAS all alike)
+BLOCK_ROWS = 256
 DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 VECTOR_DTYPES = (torch.float32, torch.float64)  # what the kernel's own matmul and experts_tokens take (bf16 runs BLAS)
 # compiler flags of the instruction sets torch.backends.cpu.get_cpu_capability() names on x86, as
 # torch builds its own CPU kernels; elsewhere at::vec's portable code runs
 VECTOR_FLAGS = {"AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
                 "AVX2": ["-mavx2", "-mfma", "-mf16c"]}
-
-
-MATMULS = ("auto", "blas", "own")
+MATMULS = ("auto", "blas", "own")  # MOE_PLAYGROUND_MATMUL's choices, see own_matmul
 
 
 def own_matmul() -> bool:
@@ -43,7 +43,8 @@ def own_matmul() -> bool:
     rather than torch's BLAS. MOE_PLAYGROUND_MATMUL picks: "blas", "own", or "auto" (the default):
     own where the kernel is built for AVX-512 and the CPU is not Intel's. MKL, the BLAS of torch's
     x86 builds, runs its AVX-512 code only on Intel CPUs; on an AMD EPYC with AVX-512 the kernel's
-    own matmul measured ~1.4x faster than MKL's at the benchmark's block shapes (1 to 1024 rows)."""
+    own matmul measured about 2x faster than MKL at the benchmark's blocks (and slower than MKL
+    where built for AVX2 only, hence "auto" asks for AVX-512)."""
     choice = os.environ.get("MOE_PLAYGROUND_MATMUL", "auto")
     if choice not in MATMULS:
         raise ValueError(f"MOE_PLAYGROUND_MATMUL={choice!r} must be one of {MATMULS}")
@@ -112,8 +113,8 @@ def experts_tokens(x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Te
                    w_down: torch.Tensor) -> torch.Tensor:
     """Inference on a handful of tokens: y_TD[t] = sum_k weight_TK[t, k] * SwiGLU_e(x_TD[t]) over the
     chosen experts e = idx_TK[t, k] < E (indices from E on, zero-computation experts, are skipped).
-    No plan and no row maps; each token reads its experts' weights once (memory-bound, as any
-    one-row matmul), tokens split over threads."""
+    No plan and no row maps; each (token, choice) pair reads its expert's weights once (memory-bound,
+    as any one-row matmul), the pairs split over threads."""
     return kernel().experts_tokens(*(t.contiguous() for t in (x_TD, idx_TK, weight_TK, w_gate_up, w_down)))
 
 

@@ -132,7 +132,8 @@ void weighted_swiglu_backward(const scalar_t* gu, const scalar_t* d_h, const sca
 // ---------------------------------------------------------------------------------------------
 // the block's matmuls: BLAS (at::mm_out), or a register-tiled kernel of our own where moe_kernel.py
 // asks for it (own_matmul(): MKL, torch's BLAS on x86, runs its AVX-512 code only on Intel CPUs;
-// on an AMD EPYC this kernel, built for AVX-512, runs the benchmark's blocks ~1.3x faster).
+// on this project's AMD EPYC this kernel, built for AVX-512, runs the benchmark's blocks about 2x
+// faster: fine config at T=4096, the kernel's forward+backward 36 ms against 73 through BLAS).
 
 // A register tile: TILE_ROWS x TILE_VECS vector accumulators, plus TILE_VECS vectors of b and one
 // broadcast of a, within the vector registers (32 with AVX-512, 16 below)
