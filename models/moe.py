@@ -613,7 +613,7 @@ class Router(nn.Module):
             if self.training and self.cfg.router_jitter > 0:  # Switch Transformer input jitter
                 eps = self.cfg.router_jitter
                 x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - eps, 1 + eps)
-            logits_TE = F.linear(x_TD, self.weight.to(dtype))
+            logits_TE = moe_kernel.linear(x_TD, self.weight.to(dtype))
             if self.training and self.noise_weight is not None:
                 noise_std_TE = F.softplus(F.linear(x_TD, self.noise_weight.to(dtype)))
                 logits_TE = logits_TE + torch.randn_like(logits_TE) * noise_std_TE

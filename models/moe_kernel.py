@@ -81,12 +81,31 @@ def kernel():
             if capability in VECTOR_FLAGS else []
         load(f"moe_playground_experts_{capability.lower()}", [str(SOURCE)], extra_cflags=["-O3", *openmp, *isa],
              extra_ldflags=openmp, is_python_module=False, verbose=False)
+        register_flop_formulas(torch.ops.moe_playground)
         return torch.ops.moe_playground
     except Exception as e:  # no compiler, no ninja, a failed build: the grouped_mm path still works
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         warnings.warn(f"the fused MoE expert kernel could not be built ({reason}); routed experts run "
                       f"F.grouped_mm instead (slower on CPU). Set MOE_PLAYGROUND_KERNEL=0 to skip the build.")
         return None
+
+
+def register_flop_formulas(ops) -> None:
+    """Matmul FLOPs of the training ops for torch.utils.flop_counter.FlopCounterMode (it counts only
+    ops with a formula): the router's linear, and the experts' 6NDH forward, 12NDH backward."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    formulas = {
+        ops.linear_forward: lambda x_TD, w_ED, **kw: 2 * x_TD[0] * x_TD[1] * w_ED[0],
+        ops.linear_backward: lambda g_TE, x_TD, w_ED, **kw: 4 * x_TD[0] * x_TD[1] * w_ED[0],
+        ops.experts_forward: lambda x_TD, token_N, ends_E, w_gate_up, w_down, *args, **kw:
+            6 * token_N[0] * w_down[1] * w_down[2],
+        ops.experts_backward: lambda g_TD, x_TD, token_N, ends_E, w_gate_up, w_down, *args, **kw:
+            12 * token_N[0] * w_down[1] * w_down[2],
+    }
+    for op, formula in formulas.items():
+        if op not in flop_registry:  # kernel() runs again after a cache_clear()
+            register_flop_formula(op)(formula)
 
 
 def usable(x_TD: torch.Tensor) -> bool:
@@ -107,6 +126,26 @@ def usable_for_tokens(x_TD: torch.Tensor) -> bool:
 def runs_own_matmul(x_TD: torch.Tensor) -> bool:
     """The fused experts on x_TD run the kernel's own block matmuls (float32 and float64, own_matmul())."""
     return x_TD.dtype in VECTOR_DTYPES and runs_on(x_TD) and own_matmul()
+
+
+def linear(x_TD: torch.Tensor, w_ED: torch.Tensor) -> torch.Tensor:
+    """F.linear(x_TD, w_ED) (no bias), on the kernel's own matmul where it runs (the router's logits:
+    the same reason as the experts', torch's BLAS leaving AVX-512 unused)."""
+    if runs_own_matmul(x_TD) and w_ED.dtype == x_TD.dtype and w_ED.device.type == "cpu":
+        return _Linear.apply(x_TD.contiguous(), w_ED.contiguous())
+    return torch.nn.functional.linear(x_TD, w_ED)
+
+
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TD, w_ED):
+        ctx.save_for_backward(x_TD, w_ED)
+        return kernel().linear_forward(x_TD, w_ED)
+
+    @staticmethod
+    def backward(ctx, g_TE):
+        d_x_TD, d_w_ED = kernel().linear_backward(g_TE.contiguous(), *ctx.saved_tensors)
+        return d_x_TD, d_w_ED
 
 
 def experts_tokens(x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Tensor, w_gate_up: torch.Tensor,

@@ -261,3 +261,39 @@ def test_shared_experts_through_the_kernel_match_the_module(monkeypatch, shared_
     seen = []
     moe.shared.register_forward_hook(lambda *args: seen.append(1))
     assert run(True)[1] == 1 and seen == [1]
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_router_linear_matches_f_linear(monkeypatch, threads, n_threads, dtype):
+    """The router's logits on the kernel's own matmul: F.linear's output and both gradients, with
+    widths that leave partial vector strips and row tiles (D = 52, E = 13)."""
+    threads(n_threads)
+    monkeypatch.setenv("MOE_PLAYGROUND_MATMUL", "own")
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(137, 52, generator=g, dtype=dtype), torch.randn(13, 52, generator=g, dtype=dtype)
+    g_TE = torch.randn(137, 13, generator=g, dtype=dtype)
+    ours, ref = [(x.clone().requires_grad_(), w.clone().requires_grad_()) for _ in range(2)]
+    y = moe_kernel.linear(*ours)
+    assert y.grad_fn is not None and "Linear" in type(y.grad_fn).__name__ and "Addmm" not in type(y.grad_fn).__name__
+    y.backward(g_TE)
+    y_ref = torch.nn.functional.linear(*ref)
+    y_ref.backward(g_TE)
+    tol = dict(atol=1e-4, rtol=1e-5) if dtype == torch.float32 else {}
+    for a, b in ((y, y_ref), (ours[0].grad, ref[0].grad), (ours[1].grad, ref[1].grad)):
+        torch.testing.assert_close(a, b, **tol)
+    with pytest.raises(RuntimeError, match="linear takes contiguous float or double \\(T, D\\) inputs"):
+        moe_kernel.kernel().linear_forward(x, w[:, :50].contiguous())
+
+
+def test_flop_counter_counts_the_kernel_ops(monkeypatch):
+    """FlopCounterMode sees the router's linear (2TDE forward, 4TDE backward) and the fused experts
+    (6NDH forward, 12NDH backward, N = T*K rows): nothing else in the layer is a matmul."""
+    from torch.utils.flop_counter import FlopCounterMode
+    monkeypatch.setenv("MOE_PLAYGROUND_MATMUL", "own")  # the router's linear on the kernel too
+    T, D, E, H, K = 40, 16, 8, 12, 2
+    moe = MoE(MoEConfig(d_model=D, n_routed_experts=E, expert_hidden=H, top_k=K))
+    x = torch.randn(T, D, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        moe(x)[0].sum().backward()
+    assert counter.get_total_flops() == 6 * T * D * E + 18 * T * K * D * H

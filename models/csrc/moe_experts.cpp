@@ -391,6 +391,54 @@ std::vector<Tensor> experts_backward(const Tensor& g_TD, const Tensor& x_TD, con
 }
 
 // ---------------------------------------------------------------------------------------------
+// the router's linear, y_TE = x_TD @ w_ED^T (nn.Linear without bias), and its backward, on the
+// kernel's own matmul (for CPUs where moe_kernel.own_matmul() holds), rows split over threads
+
+void check_linear(const Tensor& x_TD, const Tensor& w_ED) {
+  TORCH_CHECK(x_TD.dim() == 2 && w_ED.dim() == 2 && x_TD.size(1) == w_ED.size(1) && x_TD.is_contiguous() &&
+              w_ED.is_contiguous() && x_TD.scalar_type() == w_ED.scalar_type() && own_matmul_runs(x_TD),
+              "linear takes contiguous float or double (T, D) inputs and (E, D) weights of one dtype, got ",
+              x_TD.sizes(), " ", x_TD.scalar_type(), " and ", w_ED.sizes(), " ", w_ED.scalar_type());
+}
+
+Tensor linear_forward(const Tensor& x_TD, const Tensor& w_ED) {
+  check_linear(x_TD, w_ED);
+  const int64_t T = x_TD.size(0), D = x_TD.size(1), E = w_ED.size(0);
+  Tensor w_DE = w_ED.t().contiguous(), y_TE = at::empty({T, E}, x_TD.options());
+  AT_DISPATCH_FLOATING_TYPES(x_TD.scalar_type(), "linear_forward", [&] {
+    const scalar_t *x = x_TD.const_data_ptr<scalar_t>(), *w = w_DE.const_data_ptr<scalar_t>();
+    scalar_t* y = y_TE.data_ptr<scalar_t>();
+    at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
+      gemm<scalar_t, false>(t1 - t0, E, D, x + t0 * D, D, w, E, y + t0 * E, E, false);
+    });
+  });
+  return y_TE;
+}
+
+// -> {d x_TD = g_TE @ w_ED, d w_ED = g_TE^T @ x_TD}; the second split over the E output rows, so
+// each sum over tokens stays on one thread, in order
+std::vector<Tensor> linear_backward(const Tensor& g_TE, const Tensor& x_TD, const Tensor& w_ED) {
+  check_linear(x_TD, w_ED);
+  TORCH_CHECK(g_TE.dim() == 2 && g_TE.size(0) == x_TD.size(0) && g_TE.size(1) == w_ED.size(0) &&
+              g_TE.is_contiguous() && g_TE.scalar_type() == x_TD.scalar_type(),
+              "g_TE must be a contiguous (T, E) gradient of x_TD's dtype");
+  const int64_t T = x_TD.size(0), D = x_TD.size(1), E = w_ED.size(0);
+  Tensor d_x_TD = at::empty_like(x_TD), d_w_ED = at::empty_like(w_ED);
+  AT_DISPATCH_FLOATING_TYPES(x_TD.scalar_type(), "linear_backward", [&] {
+    const scalar_t *g = g_TE.const_data_ptr<scalar_t>(), *x = x_TD.const_data_ptr<scalar_t>();
+    const scalar_t* w = w_ED.const_data_ptr<scalar_t>();
+    scalar_t *d_x = d_x_TD.data_ptr<scalar_t>(), *d_w = d_w_ED.data_ptr<scalar_t>();
+    at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
+      gemm<scalar_t, false>(t1 - t0, D, E, g + t0 * E, E, w, D, d_x + t0 * D, D, false);
+    });
+    at::parallel_for(0, E, TILE_ROWS, [&](int64_t e0, int64_t e1) {  // g^T: g stored transposed
+      gemm<scalar_t, true>(e1 - e0, D, T, g + e0, E, x, D, d_w + e0 * D, D, false);
+    });
+  });
+  return {d_x_TD, d_w_ED};
+}
+
+// ---------------------------------------------------------------------------------------------
 // sampling: a handful of tokens, each straight through its chosen experts. A row times a weight
 // matrix reads the whole matrix once for a few FLOPs per value, so it runs at memory speed either
 // way; here it costs no dispatch, no plan and no row maps, which at one token cost more than the
@@ -511,6 +559,8 @@ TORCH_LIBRARY(moe_playground, m) {
   m.def("experts_backward(Tensor g_TD, Tensor x_TD, Tensor token_N, Tensor ends_E, Tensor w_gate_up, "
         "Tensor w_down, Tensor weight_N, Tensor gate_up_NH2, int R, bool own_matmul) -> Tensor[]");
   m.def("experts_tokens(Tensor x_TD, Tensor idx_TK, Tensor weight_TK, Tensor w_gate_up, Tensor w_down) -> Tensor");
+  m.def("linear_forward(Tensor x_TD, Tensor w_ED) -> Tensor");
+  m.def("linear_backward(Tensor g_TE, Tensor x_TD, Tensor w_ED) -> Tensor[]");
   m.def("topk_indices(Tensor scores_TE, int K) -> Tensor");
   m.def("sort_by_key(Tensor key_A, int n_keys) -> Tensor");
 }
@@ -519,6 +569,8 @@ TORCH_LIBRARY_IMPL(moe_playground, CPU, m) {
   m.impl("experts_forward", &experts_forward);
   m.impl("experts_backward", &experts_backward);
   m.impl("experts_tokens", &experts_tokens);
+  m.impl("linear_forward", &linear_forward);
+  m.impl("linear_backward", &linear_backward);
   m.impl("topk_indices", &topk_indices);
   m.impl("sort_by_key", &sort_by_key);
 }
