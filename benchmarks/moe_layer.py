@@ -11,8 +11,9 @@ headline  forward+backward at --tokens tokens on two configs (fine: 64 x 128, to
             moe           this layer as configured by default (dispatch="fused": the CPU kernel
                           of models/moe_kernel.py, its block matmuls as moe_kernel.own_matmul()
                           picks for this CPU, printed above the table)
-            moe_blas      the same kernel with torch's BLAS for its block matmuls
-                          (MOE_PLAYGROUND_MATMUL=blas); the dense floor and transformers run BLAS
+            moe_blas      the same kernel with torch's BLAS for its block matmuls, the router and the
+                          shared experts (MOE_PLAYGROUND_MATMUL=blas, as moe_grouped and moe_padded);
+                          the dense floor and transformers run BLAS
             moe_grouped   this layer with dispatch="grouped_mm" (F.grouped_mm, what "fused" falls
                           back to where the kernel cannot run)
             moe_padded    this layer with dispatch="padded_bmm" (dispatch="auto" runs the kernel
@@ -81,6 +82,9 @@ CONFIGS = {
     "coarse": dict(d_model=256, n_routed_experts=8, expert_hidden=512, top_k=2),
 }
 HF_IMPLS = ("eager", "grouped_mm", "batched_mm")
+# headline rows timed with MOE_PLAYGROUND_MATMUL=blas: where the kernel cannot run (grouped_mm and
+# padded_bmm are its fallbacks) its own matmul does not run either, for the router and shared experts too
+BLAS_ROWS = ("moe_blas", "moe_grouped", "moe_padded")
 SECTIONS = ("headline", "latency", "grid")
 LATENCY_TOKENS = (1, 4, 8, 64)
 GRID = dict(E=(8, 32, 64, 128), k=(1, 2, 6, 8), shared=(0, 2), d_model=256, hidden=128)
@@ -202,7 +206,7 @@ def headline(args, summary: dict) -> None:
         models = {n: build(n, cfg) for n in todo}
         x = torch.randn(args.tokens // 8, 8, cfg.d_model, requires_grad=True)
         g = torch.randn_like(x)
-        times = interleaved({n: train_step(m, x, g, "blas" if n == "moe_blas" else None) for n, m in models.items()},
+        times = interleaved({n: train_step(m, x, g, "blas" if n in BLAS_ROWS else None) for n, m in models.items()},
                             args.repeats)
         med = median_ms(times)
         peak = {n: peak_bytes(m, x, g) / 2**20 for n, m in models.items()}
