@@ -227,19 +227,25 @@ void matmul(bool own, Tensor& out, const Tensor& a, const Tensor& b, bool accumu
 
 // The ops are public (torch.ops.moe_playground.*): a bad row map would read or write out of
 // bounds, so every argument is checked before any work starts.
-void check_args(const Tensor& x_TD, const Tensor& token_N, const Tensor& ends_E, const Tensor& w_gate_up,
-                const Tensor& w_down, const Tensor& weight_N, int64_t R) {
+
+// x_TD, the experts' weights and the combine weights (per row or per (token, choice))
+void check_experts(const Tensor& x_TD, const Tensor& w_gate_up, const Tensor& w_down, const Tensor& combine) {
   TORCH_CHECK(x_TD.dim() == 2 && x_TD.is_contiguous(), "x_TD must be a contiguous (T, D) tensor, got ",
               x_TD.sizes());
-  const int64_t T = x_TD.size(0), D = x_TD.size(1);
+  const int64_t D = x_TD.size(1);
   TORCH_CHECK(w_gate_up.dim() == 3 && w_down.dim() == 3 && w_gate_up.size(1) == D && w_down.size(2) == D &&
               w_gate_up.size(0) == w_down.size(0) && w_gate_up.size(2) == 2 * w_down.size(1),
               "expert weights must be (E, D, 2H) and (E, H, D) with D = ", D, ", got ", w_gate_up.sizes(),
               " and ", w_down.sizes());
-  for (const Tensor* t : {&w_gate_up, &w_down, &weight_N})
+  for (const Tensor* t : {&w_gate_up, &w_down, &combine})
     TORCH_CHECK(t->scalar_type() == x_TD.scalar_type() && t->device() == x_TD.device() && t->is_contiguous(),
                 "weights must be contiguous, on x_TD's device and of its dtype (", x_TD.scalar_type(), ")");
-  const int64_t E = w_down.size(0), N = token_N.numel();
+}
+
+void check_args(const Tensor& x_TD, const Tensor& token_N, const Tensor& ends_E, const Tensor& w_gate_up,
+                const Tensor& w_down, const Tensor& weight_N, int64_t R) {
+  check_experts(x_TD, w_gate_up, w_down, weight_N);
+  const int64_t T = x_TD.size(0), E = w_down.size(0), N = token_N.numel();
   TORCH_CHECK(token_N.dim() == 1 && token_N.scalar_type() == at::kLong && token_N.is_contiguous() &&
               weight_N.dim() == 1 && weight_N.numel() == N,
               "token_N and weight_N must be contiguous 1-D tensors of one length (int64 and x_TD's dtype)");
@@ -439,21 +445,9 @@ std::vector<Tensor> linear_backward(const Tensor& g_TE, const Tensor& x_TD, cons
 }
 
 // ---------------------------------------------------------------------------------------------
-// sampling: a handful of tokens, each straight through its chosen experts. A row times a weight
-// matrix reads the whole matrix once for a few FLOPs per value, so it runs at memory speed either
-// way; here it costs no dispatch, no plan and no row maps, which at one token cost more than the
-// matmuls. out (C values) += sum_r a[r] * W[r, :] over the R rows of a row-major (R, C) matrix.
-template <typename T>
-void row_times_matrix(const T* a, const T* W, int64_t R, int64_t C, T* out) {
-  for (int64_t r = 0; r < R; ++r) {
-    const Vec<T> a_r(a[r]);
-    const T* w = W + r * C;
-    for (int64_t j = 0; j < C; j += Vec<T>::size()) {
-      const int64_t c = std::min<int64_t>(Vec<T>::size(), C - j);
-      at::vec::fmadd(a_r, Vec<T>::loadu(w + j, c), Vec<T>::loadu(out + j, c)).store(out + j, c);
-    }
-  }
-}
+// sampling: a handful of tokens, each straight through its chosen experts: one-row matmuls, which
+// read each weight matrix once for a few FLOPs per value and so run at memory speed either way; here
+// they cost no dispatch, no plan and no row maps, which at one token cost more than the matmuls.
 
 // y_TD[t] = sum over k with idx_TK[t, k] < E of weight_TK[t, k] * SwiGLU_e(x_TD[t]), e = idx_TK[t, k]
 // (indices from E on are zero-computation experts, left to the caller). float and double. The
@@ -461,20 +455,12 @@ void row_times_matrix(const T* a, const T* W, int64_t R, int64_t C, T* out) {
 // pair writes its own row and a token's rows are summed in choice order, whatever the thread count.
 Tensor experts_tokens(const Tensor& x_TD, const Tensor& idx_TK, const Tensor& weight_TK, const Tensor& w_gate_up,
                       const Tensor& w_down) {
-  TORCH_CHECK(x_TD.dim() == 2 && x_TD.is_contiguous() && (x_TD.scalar_type() == at::kFloat ||
-              x_TD.scalar_type() == at::kDouble), "x_TD must be a contiguous (T, D) float or double tensor, got ",
-              x_TD.sizes(), " ", x_TD.scalar_type());
+  check_experts(x_TD, w_gate_up, w_down, weight_TK);
+  TORCH_CHECK(own_matmul_runs(x_TD), "x_TD must be float or double, got ", x_TD.scalar_type());
   const int64_t T = x_TD.size(0), D = x_TD.size(1);
-  TORCH_CHECK(w_gate_up.dim() == 3 && w_down.dim() == 3 && w_gate_up.size(1) == D && w_down.size(2) == D &&
-              w_gate_up.size(0) == w_down.size(0) && w_gate_up.size(2) == 2 * w_down.size(1),
-              "expert weights must be (E, D, 2H) and (E, H, D) with D = ", D, ", got ", w_gate_up.sizes(),
-              " and ", w_down.sizes());
   TORCH_CHECK(idx_TK.dim() == 2 && idx_TK.size(0) == T && idx_TK.scalar_type() == at::kLong && idx_TK.is_contiguous() &&
-              weight_TK.sizes() == idx_TK.sizes() && weight_TK.is_contiguous(),
+              weight_TK.sizes() == idx_TK.sizes(),
               "idx_TK (int64) and weight_TK must be contiguous (T, K) tensors, T = ", T);
-  for (const Tensor* t : {&w_gate_up, &w_down, &weight_TK})
-    TORCH_CHECK(t->scalar_type() == x_TD.scalar_type() && t->device() == x_TD.device() && t->is_contiguous(),
-                "weights must be contiguous, on x_TD's device and of its dtype (", x_TD.scalar_type(), ")");
   const int64_t K = idx_TK.size(1), E = w_down.size(0), H = w_down.size(1);
   const int64_t* idx = idx_TK.data_ptr<int64_t>();
   TORCH_CHECK(std::all_of(idx, idx + T * K, [](int64_t e) { return e >= 0; }), "idx_TK must be >= 0");
@@ -487,11 +473,10 @@ Tensor experts_tokens(const Tensor& x_TD, const Tensor& idx_TK, const Tensor& we
       std::vector<scalar_t> gu(2 * H), h(H);
       for (int64_t a = a0; a < a1; ++a) {
         const int64_t e = idx[a];
-        if (e >= E) continue;
-        std::fill(gu.begin(), gu.end(), scalar_t(0));
-        row_times_matrix(x + a / K * D, w_gu + e * D * 2 * H, D, 2 * H, gu.data());
+        if (e >= E) continue;  // its row stays zero
+        gemm<scalar_t, false>(1, 2 * H, D, x + a / K * D, D, w_gu + e * D * 2 * H, 2 * H, gu.data(), 2 * H, false);
         swiglu_row(gu.data(), gu.data() + H, weight[a], h.data(), H);
-        row_times_matrix(h.data(), w_dn + e * H * D, H, D, out + a * D);
+        gemm<scalar_t, false>(1, D, H, h.data(), H, w_dn + e * H * D, D, out + a * D, D, false);
       }
     });
   });
