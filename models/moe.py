@@ -492,13 +492,14 @@ class RoutedExperts(nn.Module):
     # inference runs looped_mm below this many rows per expert (most experts then have none: grouped_mm
     # would still visit them all); measured crossover on CPU, benchmarks/moe_layer.py latency section
     loop_below_rows_per_expert = 1.0
-    # inference on at most few_tokens_limit() tokens skips the dispatch plan: few_tokens (sampling's
-    # batches). Measured crossovers against the plan (benchmarks/moe_layer.py latency, `plan` column):
-    # through moe_kernel.experts_tokens while the T*K assignments are at most 2 per expert (fine
-    # config, 64 experts top-6: 543 vs 648 us at 16 tokens, 1058 vs 900 at 32; coarse, 8 experts
-    # top-2: 215 vs 264 at 8, 396 vs 326 at 16); through the Python loop, where that op does not
-    # run, up to 4 tokens
-    few_rows_per_expert = 2
+    # inference on at most few_tokens_limit() tokens skips the dispatch plan: few_tokens. Through
+    # moe_kernel.experts_tokens while the T*K assignments are at most 64 per expert: measured against
+    # the plan (benchmarks/moe_layer.py latency, `plan` column, and forward at larger T), the fine
+    # config (64 experts, top-6, 2 shared) 472 vs 727 us at 64 tokens, 2722 vs 2949 at 512 (48 per
+    # expert), 5422 vs 5235 at 1024 (96 per expert); coarse (8 experts, top-2) 1185 vs 1194 at 256
+    # (64 per expert), 4131 vs 4317 at 1024. Through the Python loop, where that op does not run, up
+    # to 4 tokens
+    few_rows_per_expert = 64
     few_tokens_max_python = 4
 
     def few_tokens_limit(self, x_TD: torch.Tensor, top_k: int) -> int:
@@ -506,14 +507,17 @@ class RoutedExperts(nn.Module):
             return max(1, self.few_rows_per_expert * self.w_down.shape[0] // top_k)
         return self.few_tokens_max_python
 
-    def few_tokens(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Tensor) -> torch.Tensor:
-        """forward's result, without grad, for a handful of tokens straight from the router's choices:
-        each token runs its K experts on views of the weights, with no plan, row maps or combine.
-        At one token the plan's sort, maps and gathers cost more than the experts' matmuls."""
+    def few_tokens(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Tensor,
+                   shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
+        """forward's result, without grad, for a small batch straight from the router's choices: no plan,
+        row maps or combine, which at one token cost more than the experts' matmuls. In C++ where
+        moe_kernel.experts_tokens runs, with the shared experts' (gate_up, down, weight_T) if given
+        (moe_kernel.experts_tokens); else each token runs its K experts on views of the weights."""
         E = self.w_down.shape[0]
         w_gate_up, w_down = self.w_gate_up.to(x_TD.dtype), self.w_down.to(x_TD.dtype)
-        if moe_kernel.usable_for_tokens(x_TD):  # the same loop in C++
-            return moe_kernel.experts_tokens(x_TD, idx_TK, weight_TK.to(x_TD.dtype), w_gate_up, w_down)
+        if moe_kernel.usable_for_tokens(x_TD):
+            return moe_kernel.experts_tokens(x_TD, idx_TK, weight_TK.to(x_TD.dtype), w_gate_up, w_down, shared)
+        assert shared is None, "the shared experts run in the same op only where moe_kernel.experts_tokens runs"
         y_TD = torch.zeros_like(x_TD)
         for t, (experts, weights) in enumerate(zip(idx_TK.tolist(), weight_TK.tolist())):
             x_1D, y_1D = x_TD[t:t + 1], y_TD[t:t + 1]
@@ -893,11 +897,13 @@ class MoE(nn.Module):
         few = cfg.routing == "token_choice" and T <= self.experts.few_tokens_limit(xe_TD, cfg.experts_per_token) \
             and cfg.capacity(T, self.training) is None and not needs_grad(xe_TD, self.experts.w_gate_up) \
             and not torch.compiler.is_compiling()  # its per-token loop would break the graph
-        y_TD, plan = self.few_tokens(xe_TD, routing) if few else self.planned(xe_TD, routing, n_seq)
+        # in the few-token op the shared experts run beside the routed ones (their weights as they are)
+        shared_too = few and self.shared is not None and moe_kernel.usable_for_tokens(xe_TD) and self.plain_shared()
+        y_TD, plan = self.few_tokens(x_TD, xe_TD, routing, shared_too) if few else self.planned(xe_TD, routing, n_seq)
         if self.null_experts is not None:
             y_TD = y_TD + self.null_experts(xe_TD, routing.idx_TK, routing.weights_TK)
 
-        if self.shared is not None:
+        if self.shared is not None and not shared_too:
             y_TD = y_TD + self.shared_out(x_TD, xe_TD)
         return y_TD.view(x.shape), self.aux(routing, plan, n_seq)
 
@@ -960,12 +966,19 @@ class MoE(nn.Module):
             padded = self.experts.wants_padding(counts_E, xe_TD)
         return self.experts(xe_TD, slots, counts_E, weight_N, padded), plan
 
-    def few_tokens(self, xe_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, Dispatch]:
-        """Inference on a handful of tokens (sampling): RoutedExperts.few_tokens, and a plan with only the counts."""
+    def few_tokens(self, x_TD: torch.Tensor, xe_TD: torch.Tensor, routing: Routing,
+                   shared_too: bool) -> tuple[torch.Tensor, Dispatch]:
+        """Inference on a handful of tokens (sampling): RoutedExperts.few_tokens (with the shared experts
+        if shared_too), and a plan with only the counts."""
         routed_E = torch.bincount(routing.idx_TK.flatten(), minlength=self.cfg.n_pool)
         plan = Dispatch(routing.idx_TK.new_zeros(0), routing.weights_TK.new_zeros(0), routed_E[:self.cfg.n_experts],
                         routed_E, routing.logits_TE.new_zeros(()))
-        return self.experts.few_tokens(xe_TD, routing.idx_TK, routing.weights_TK), plan
+        shared = None
+        if shared_too:
+            dtype = xe_TD.dtype
+            gate_T = None if self.shared_gate is None else torch.sigmoid(self.shared_gate(x_TD)).squeeze(-1).to(dtype)
+            shared = (self.shared.gate_up.weight.to(dtype), self.shared.down.weight.to(dtype), gate_T)
+        return self.experts.few_tokens(xe_TD, routing.idx_TK, routing.weights_TK, shared), plan
 
     def aux(self, routing: Routing, plan: Dispatch, n_seq: int) -> MoEAux:
         cfg = self.cfg

@@ -9,7 +9,7 @@ Backward does the same per block and adds each expert's weight gradient up over 
 The block matmuls run torch's BLAS, or on CPUs where that leaves AVX-512 unused, a register-tiled
 matmul of the kernel's own (own_matmul()).
 The same extension holds the router's top-k, the dispatch plan's sort by expert, and a plan-free
-loop for sampling's few tokens (experts_tokens).
+path for sampling's small batches, routed and shared experts in one op (experts_tokens).
 
 It is built on first use with torch.utils.cpp_extension (a C++ compiler and ninja; about 25 s,
 then cached under TORCH_EXTENSIONS_DIR). Where it cannot be built, `kernel()` is None and says
@@ -155,12 +155,17 @@ class _Linear(torch.autograd.Function):
 
 
 def experts_tokens(x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Tensor, w_gate_up: torch.Tensor,
-                   w_down: torch.Tensor) -> torch.Tensor:
-    """Inference on a handful of tokens: y_TD[t] = sum_k weight_TK[t, k] * SwiGLU_e(x_TD[t]) over the
-    chosen experts e = idx_TK[t, k] < E (indices from E on, zero-computation experts, are skipped).
-    No plan and no row maps; each (token, choice) pair reads its expert's weights once (memory-bound,
-    as any one-row matmul), the pairs split over threads."""
-    return kernel().experts_tokens(*(t.contiguous() for t in (x_TD, idx_TK, weight_TK, w_gate_up, w_down)))
+                   w_down: torch.Tensor, shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+                   ) -> torch.Tensor:
+    """Inference on a small batch: y_TD[t] = sum_k weight_TK[t, k] * SwiGLU_e(x_TD[t]) over the chosen
+    experts e = idx_TK[t, k] < E (indices from E on, zero-computation experts, are skipped), plus the
+    shared experts' SwiGLU times weight_T[t] where shared = (gate_up (2S, D), down (D, S), weight_T or
+    None for 1), their weights in nn.Linear's layout. No plan and no row maps: each chosen expert's
+    weights are read once for all its tokens, the experts and slices of the shared ones split over
+    threads."""
+    gate_up, down, weight_T = shared if shared is not None else (None, None, None)
+    return kernel().experts_tokens(*(t.contiguous() for t in (x_TD, idx_TK, weight_TK, w_gate_up, w_down)),
+                                   *(None if t is None else t.contiguous() for t in (gate_up, down, weight_T)))
 
 
 def topk_indices(scores_TE: torch.Tensor, k: int) -> torch.Tensor:

@@ -160,29 +160,44 @@ def test_kernel_ops_reject_bad_row_maps_before_any_work():
 
 @pytest.mark.parametrize("n_threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_experts_tokens_matches_reference(threads, n_threads, dtype):
-    """The few-token op (sampling): each token through its chosen experts, weighted and summed;
-    indices from E on (zero-computation experts) contribute nothing. H = 20 leaves a partial vector."""
+@pytest.mark.parametrize("shared", [None, "gated", "ungated"])
+def test_experts_tokens_matches_reference(threads, n_threads, dtype, shared):
+    """The small-batch op (sampling): each token through its chosen experts, weighted and summed;
+    indices from E on (zero-computation experts) contribute nothing; plus the shared experts in
+    nn.Linear's layout, times their gate. H = 20 leaves a partial vector; S = 44 shared hidden units
+    run as slices of 20, 20 and 4; 7 tokens over 5 experts, top-3, put several rows on an expert."""
     threads(n_threads)
-    T, D, H, E, K = 7, 24, 20, 5, 3
+    T, D, H, E, K, S = 7, 24, 20, 5, 3, 44
     g = torch.Generator().manual_seed(0)
     x, w_gu, w_dn = torch.randn(T, D, generator=g), torch.randn(E, D, 2 * H, generator=g), torch.randn(E, H, D, generator=g)
     idx_TK = torch.randint(E + 2, (T, K), generator=g)  # E and E+1: skipped
     idx_TK[0] = torch.tensor([E, E + 1, E])  # a token with no routed expert
     weight_TK = torch.rand(T, K, generator=g)
+    s_gu, s_dn, s_w = torch.randn(2 * S, D, generator=g), torch.randn(D, S, generator=g), torch.rand(T, generator=g)
     kept = idx_TK < E
     token_N, expert_N = kept.nonzero(as_tuple=True)[0], idx_TK[kept]
     order = expert_N.argsort(stable=True)
     expected = reference(x.double(), w_gu.double(), w_dn.double(), weight_TK[kept][order].double(), token_N[order],
                          torch.bincount(expert_N, minlength=E))
-    x, weight_TK, w_gu, w_dn = (t.to(dtype) for t in (x, weight_TK, w_gu, w_dn))
-    ours = moe_kernel.experts_tokens(x, idx_TK, weight_TK, w_gu, w_dn)
-    assert ours.dtype == dtype and torch.equal(ours[0], torch.zeros(D, dtype=dtype))
+    if shared:
+        gate, up = (x.double() @ s_gu.double().t()).chunk(2, dim=-1)
+        shared_TD = (F.silu(gate) * up) @ s_dn.double().t()
+        expected = expected + (shared_TD * s_w.double()[:, None] if shared == "gated" else shared_TD)
+    x, weight_TK, w_gu, w_dn, s_gu, s_dn, s_w = (t.to(dtype) for t in (x, weight_TK, w_gu, w_dn, s_gu, s_dn, s_w))
+    shared_args = None if shared is None else (s_gu, s_dn, s_w if shared == "gated" else None)
+    ours = moe_kernel.experts_tokens(x, idx_TK, weight_TK, w_gu, w_dn, shared_args)
+    assert ours.dtype == dtype
+    if shared is None:
+        assert torch.equal(ours[0], torch.zeros(D, dtype=dtype))
     torch.testing.assert_close(ours.double(), expected, **(dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else {}))
     with pytest.raises(RuntimeError, match="idx_TK must be >= 0"):
         moe_kernel.experts_tokens(x, idx_TK - 1, weight_TK, w_gu, w_dn)
     with pytest.raises(RuntimeError, match="idx_TK \\(int64\\) and weight_TK must be contiguous \\(T, K\\)"):
         moe_kernel.experts_tokens(x, idx_TK[:3], weight_TK, w_gu, w_dn)
+    with pytest.raises(RuntimeError, match="shared experts' weights must be \\(2S, D\\) and \\(D, S\\)"):
+        moe_kernel.experts_tokens(x, idx_TK, weight_TK, w_gu, w_dn, (s_gu[:, :-1], s_dn, None))
+    with pytest.raises(RuntimeError, match="shared_weight_T must be a \\(T,\\) tensor"):
+        moe_kernel.experts_tokens(x, idx_TK, weight_TK, w_gu, w_dn, (s_gu, s_dn, s_w[:-1]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -261,6 +276,27 @@ def test_shared_experts_through_the_kernel_match_the_module(monkeypatch, shared_
     seen = []
     moe.shared.register_forward_hook(lambda *args: seen.append(1))
     assert run(True)[1] == 1 and seen == [1]
+
+
+@pytest.mark.parametrize("shared_gate", [False, True])
+def test_shared_experts_in_the_small_batch_op_match_the_module(monkeypatch, shared_gate):
+    """Inference on a small batch runs the shared experts inside moe_kernel.experts_tokens, beside the
+    routed ones: the same output as the module (which a hook on it brings back, seen running)."""
+    given = []
+    op = moe_kernel.experts_tokens
+    monkeypatch.setattr(moe_kernel, "experts_tokens", lambda *a: given.append(a[-1] is not None) or op(*a))
+    cfg = MoEConfig(d_model=16, n_routed_experts=4, expert_hidden=8, top_k=2, n_shared_experts=2,
+                    shared_gate=shared_gate, init_std=0.3)
+    torch.manual_seed(0)
+    moe = MoE(cfg).eval()
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        in_op = moe(x)[0]
+        seen = []
+        moe.shared.register_forward_hook(lambda *args: seen.append(1))
+        on_module = moe(x)[0]
+    assert seen == [1] and given == [True, False]
+    torch.testing.assert_close(in_op, on_module, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("n_threads", [1, 2])

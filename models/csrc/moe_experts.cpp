@@ -8,6 +8,7 @@
 #include <torch/extension.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
@@ -445,16 +446,68 @@ std::vector<Tensor> linear_backward(const Tensor& g_TE, const Tensor& x_TD, cons
 }
 
 // ---------------------------------------------------------------------------------------------
-// sampling: a handful of tokens, each straight through its chosen experts: one-row matmuls, which
-// read each weight matrix once for a few FLOPs per value and so run at memory speed either way; here
-// they cost no dispatch, no plan and no row maps, which at one token cost more than the matmuls.
+// inference on a small batch (sampling): no plan, no row maps, one op for the routed experts and
+// the shared ones. At a handful of tokens the Python plan's sort, maps and gathers cost more than
+// the experts' matmuls, which read each weight matrix once for a few FLOPs per value.
+
+// c (M x N, rows ldc apart) = a (M x K, rows lda apart) @ b^T for b (N x K, rows ldb apart), nn.Linear's
+// layout, read as stored: R rows of a dotted with TILE_VECS rows of b at a time, vector lanes summed
+// at the end (the shared experts' weights, used as they are, with no transposed copy per call)
+template <typename T, int R>
+void tile_nt(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t K, T* c, int64_t ldc, int64_t nb) {
+  constexpr int NB = TILE_VECS;
+  constexpr int64_t S = Vec<T>::size();
+  const T* b_n[NB];
+  for (int n = 0; n < NB; ++n) b_n[n] = b + std::min<int64_t>(n, nb - 1) * ldb;  // rows past nb: computed, not stored
+  Vec<T> acc[R][NB];
+  for (int r = 0; r < R; ++r)
+    for (int n = 0; n < NB; ++n) acc[r][n] = Vec<T>(0);
+  auto step = [&](int64_t k, int64_t count) {  // lanes past count load as zeros
+    Vec<T> b_v[NB];
+    for (int n = 0; n < NB; ++n) b_v[n] = count == S ? Vec<T>::loadu(b_n[n] + k) : Vec<T>::loadu(b_n[n] + k, count);
+    for (int r = 0; r < R; ++r) {
+      const Vec<T> a_v = count == S ? Vec<T>::loadu(a + r * lda + k) : Vec<T>::loadu(a + r * lda + k, count);
+      for (int n = 0; n < NB; ++n) acc[r][n] = at::vec::fmadd(a_v, b_v[n], acc[r][n]);
+    }
+  };
+  int64_t k = 0;
+  for (; k + S <= K; k += S) step(k, S);
+  if (k < K) step(k, K - k);
+  for (int r = 0; r < R; ++r)
+    for (int n = 0; n < nb; ++n)
+      c[r * ldc + n] = at::vec::vec_reduce_all<T>([](Vec<T>& x, Vec<T>& y) { return x + y; }, acc[r][n]);
+}
+
+template <typename T, int R = TILE_ROWS>
+void tail_tile_nt(int64_t rows, const T* a, int64_t lda, const T* b, int64_t ldb, int64_t K, T* c, int64_t ldc,
+                  int64_t nb) {
+  if (rows == R) tile_nt<T, R>(a, lda, b, ldb, K, c, ldc, nb);
+  else if constexpr (R > 1) tail_tile_nt<T, R - 1>(rows, a, lda, b, ldb, K, c, ldc, nb);
+}
+
+template <typename T>
+void gemm_nt(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc) {
+  for (int64_t n = 0; n < N; n += TILE_VECS)
+    for (int64_t m = 0; m < M; m += TILE_ROWS)
+      tail_tile_nt<T>(std::min<int64_t>(TILE_ROWS, M - m), a + m * lda, lda, b + n * ldb, ldb, K, c + m * ldc + n,
+                      ldc, std::min<int64_t>(TILE_VECS, N - n));
+}
+
+// One item of experts_tokens' work: a routed expert and the rows of the pairs that chose it, or a
+// slice of the shared experts' hidden units over all tokens. Each writes rows of its own.
+struct Item { int64_t expert, lo, hi; };  // expert E: shared hidden units [lo, hi); else rows [lo, hi)
 
 // y_TD[t] = sum over k with idx_TK[t, k] < E of weight_TK[t, k] * SwiGLU_e(x_TD[t]), e = idx_TK[t, k]
-// (indices from E on are zero-computation experts, left to the caller). float and double. The
-// (token, choice) pairs are split over threads, so even one token's experts run in parallel; each
-// pair writes its own row and a token's rows are summed in choice order, whatever the thread count.
+// (indices from E on are zero-computation experts, left to the caller), plus, if given, the shared
+// experts' SwiGLU (weights in nn.Linear's layout: shared_gate_up (2S, D) [gate | up], shared_down
+// (D, S)) times shared_weight_T[t] (1 if not given). float and double.
+// The pairs are grouped by expert, so each chosen expert's weights are read once for all its tokens;
+// the shared experts are cut into slices of hidden units the size of a routed expert (at most 8).
+// The items split over the threads by their cost; each writes rows of its own, and a token's rows
+// are summed in choice order, then slice order, whatever the thread count.
 Tensor experts_tokens(const Tensor& x_TD, const Tensor& idx_TK, const Tensor& weight_TK, const Tensor& w_gate_up,
-                      const Tensor& w_down) {
+                      const Tensor& w_down, const std::optional<Tensor>& shared_gate_up,
+                      const std::optional<Tensor>& shared_down, const std::optional<Tensor>& shared_weight_T) {
   check_experts(x_TD, w_gate_up, w_down, weight_TK);
   TORCH_CHECK(own_matmul_runs(x_TD), "x_TD must be float or double, got ", x_TD.scalar_type());
   const int64_t T = x_TD.size(0), D = x_TD.size(1);
@@ -464,23 +517,102 @@ Tensor experts_tokens(const Tensor& x_TD, const Tensor& idx_TK, const Tensor& we
   const int64_t K = idx_TK.size(1), E = w_down.size(0), H = w_down.size(1);
   const int64_t* idx = idx_TK.data_ptr<int64_t>();
   TORCH_CHECK(std::all_of(idx, idx + T * K, [](int64_t e) { return e >= 0; }), "idx_TK must be >= 0");
-  Tensor out_AD = at::zeros({T * K, D}, x_TD.options());  // pair a = t * K + k
+  const bool shared = shared_gate_up.has_value();
+  TORCH_CHECK(shared == shared_down.has_value() && (shared || !shared_weight_T.has_value()),
+              "shared_gate_up and shared_down come together (shared_weight_T only with them)");
+  const int64_t S = shared ? shared_down->size(-1) : 0;
+  if (shared) {
+    TORCH_CHECK(shared_gate_up->dim() == 2 && shared_down->dim() == 2 && shared_gate_up->size(0) == 2 * S &&
+                shared_gate_up->size(1) == D && shared_down->size(0) == D && S >= 1,
+                "shared experts' weights must be (2S, D) and (D, S) with D = ", D, ", got ", shared_gate_up->sizes(),
+                " and ", shared_down->sizes());
+    TORCH_CHECK(!shared_weight_T.has_value() || (shared_weight_T->dim() == 1 && shared_weight_T->size(0) == T),
+                "shared_weight_T must be a (T,) tensor, T = ", T);
+    for (const auto* t : {&shared_gate_up, &shared_down, &shared_weight_T})
+      TORCH_CHECK(!t->has_value() || ((*t)->scalar_type() == x_TD.scalar_type() && (*t)->device() == x_TD.device() &&
+                                      (*t)->is_contiguous()),
+                  "shared experts' tensors must be contiguous, on x_TD's device and of its dtype (", x_TD.scalar_type(),
+                  ")");
+  }
+  // the pairs a = t * K + k grouped by expert (a counting sort): pair order[n] owns row n of out_ND
+  // (expert e's rows are [start[e], start[e + 1]); row[a] is -1 for zero-computation experts)
+  std::vector<int64_t> start(E + 1, 0), order(T * K), row(T * K, -1);
+  for (int64_t a = 0; a < T * K; ++a)
+    if (idx[a] < E) ++start[idx[a] + 1];
+  for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
+  std::vector<int64_t> next(start.begin(), start.end() - 1);
+  for (int64_t a = 0; a < T * K; ++a)
+    if (idx[a] < E) row[a] = next[idx[a]]++, order[row[a]] = a;
+  const int64_t N = start[E];
+  // the items, and their costs: weights read (3DH values) times (rows + 4, about where the rows'
+  // FLOPs start to cost more than the reads)
+  std::vector<Item> items;
+  std::vector<double> cost;
+  int64_t max_rows = 0;
+  for (int64_t e = 0; e < E; ++e)
+    if (start[e + 1] > start[e]) {
+      items.push_back({e, start[e], start[e + 1]});
+      cost.push_back(3.0 * D * H * (start[e + 1] - start[e] + 4));
+      max_rows = std::max(max_rows, start[e + 1] - start[e]);
+    }
+  const int64_t slice = shared ? std::max(H, (S + 7) / 8) : 1, n_slices = shared ? (S + slice - 1) / slice : 0;
+  for (int64_t c = 0; c < n_slices; ++c) {
+    items.push_back({E, c * slice, std::min(S, (c + 1) * slice)});
+    cost.push_back(3.0 * D * (items.back().hi - items.back().lo) * (T + 4));
+  }
+  // thread p runs items [first[p], first[p + 1]): contiguous runs of about equal cost
+  const int64_t n_items = items.size(), P = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_items));
+  std::vector<int64_t> first(P + 1, n_items);
+  first[0] = 0;
+  const double total = std::accumulate(cost.begin(), cost.end(), 0.0);
+  double run = 0;
+  for (int64_t i = 0, p = 1; i < n_items && p < P; ++i) {
+    run += cost[i];
+    if (run >= total * p / P) first[p++] = i + 1;
+  }
+
+  Tensor out_ND = at::empty({N, D}, x_TD.options()), shared_CTD = at::empty({n_slices, T, D}, x_TD.options());
+  Tensor y_TD = at::empty({T, D}, x_TD.options());
   AT_DISPATCH_FLOATING_TYPES(x_TD.scalar_type(), "experts_tokens", [&] {
     const scalar_t *x = x_TD.const_data_ptr<scalar_t>(), *weight = weight_TK.const_data_ptr<scalar_t>();
     const scalar_t *w_gu = w_gate_up.const_data_ptr<scalar_t>(), *w_dn = w_down.const_data_ptr<scalar_t>();
-    scalar_t* out = out_AD.data_ptr<scalar_t>();
-    at::parallel_for(0, T * K, 1, [&](int64_t a0, int64_t a1) {
-      std::vector<scalar_t> gu(2 * H), h(H);
-      for (int64_t a = a0; a < a1; ++a) {
-        const int64_t e = idx[a];
-        if (e >= E) continue;  // its row stays zero
-        gemm<scalar_t, false>(1, 2 * H, D, x + a / K * D, D, w_gu + e * D * 2 * H, 2 * H, gu.data(), 2 * H, false);
-        swiglu_row(gu.data(), gu.data() + H, weight[a], h.data(), H);
-        gemm<scalar_t, false>(1, D, H, h.data(), H, w_dn + e * H * D, D, out + a * D, D, false);
+    const scalar_t* s_gu = shared ? shared_gate_up->const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* s_dn = shared ? shared_down->const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* s_w = shared_weight_T.has_value() ? shared_weight_T->const_data_ptr<scalar_t>() : nullptr;
+    scalar_t *out = out_ND.data_ptr<scalar_t>(), *sh = shared_CTD.data_ptr<scalar_t>();
+    at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+      const int64_t rows = std::max(max_rows, shared ? T : 0), width = std::max(H, slice);
+      std::vector<scalar_t> x_rows(max_rows * D), gu(rows * 2 * width), h(rows * width);
+      for (int64_t i = first[p0]; i < first[p1]; ++i) {
+        const Item& it = items[i];
+        const int64_t n = it.hi - it.lo;
+        if (it.expert < E) {  // routed: gather the rows, gate/up, weighted SwiGLU, down
+          for (int64_t r = 0; r < n; ++r) std::memcpy(&x_rows[r * D], x + order[it.lo + r] / K * D, D * sizeof(scalar_t));
+          gemm<scalar_t, false>(n, 2 * H, D, x_rows.data(), D, w_gu + it.expert * D * 2 * H, 2 * H, gu.data(), 2 * H,
+                                false);
+          for (int64_t r = 0; r < n; ++r)
+            swiglu_row(&gu[r * 2 * H], &gu[r * 2 * H + H], weight[order[it.lo + r]], &h[r * H], H);
+          gemm<scalar_t, false>(n, D, H, h.data(), H, w_dn + it.expert * H * D, D, out + it.lo * D, D, false);
+        } else {  // shared hidden units [lo, hi), every token: [gate | up] rows of width n, SwiGLU, down
+          gemm_nt<scalar_t>(T, n, D, x, D, s_gu + it.lo * D, D, gu.data(), 2 * n);
+          gemm_nt<scalar_t>(T, n, D, x, D, s_gu + (S + it.lo) * D, D, gu.data() + n, 2 * n);
+          for (int64_t t = 0; t < T; ++t) swiglu_row(&gu[t * 2 * n], &gu[t * 2 * n + n], s_w ? s_w[t] : 1, &h[t * n], n);
+          gemm_nt<scalar_t>(T, D, n, h.data(), n, s_dn + it.lo, S, sh + it.lo / slice * T * D, D);
+        }
+      }
+    });
+    // each token's rows summed: its choices in order, then the shared slices
+    at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        scalar_t* y = y_TD.data_ptr<scalar_t>() + t * D;
+        std::fill(y, y + D, scalar_t(0));
+        auto add = [&](const scalar_t* src) { for (int64_t d = 0; d < D; ++d) y[d] += src[d]; };
+        for (int64_t k = 0; k < K; ++k)
+          if (row[t * K + k] >= 0) add(out + row[t * K + k] * D);
+        for (int64_t c = 0; c < n_slices; ++c) add(sh + (c * T + t) * D);
       }
     });
   });
-  Tensor y_TD = out_AD.view({T, K, D}).sum(1);
   return y_TD;
 }
 
@@ -543,7 +675,8 @@ TORCH_LIBRARY(moe_playground, m) {
         "Tensor weight_N, bool save_gate_up, int R, bool own_matmul) -> Tensor[]");
   m.def("experts_backward(Tensor g_TD, Tensor x_TD, Tensor token_N, Tensor ends_E, Tensor w_gate_up, "
         "Tensor w_down, Tensor weight_N, Tensor gate_up_NH2, int R, bool own_matmul) -> Tensor[]");
-  m.def("experts_tokens(Tensor x_TD, Tensor idx_TK, Tensor weight_TK, Tensor w_gate_up, Tensor w_down) -> Tensor");
+  m.def("experts_tokens(Tensor x_TD, Tensor idx_TK, Tensor weight_TK, Tensor w_gate_up, Tensor w_down, "
+        "Tensor? shared_gate_up=None, Tensor? shared_down=None, Tensor? shared_weight_T=None) -> Tensor");
   m.def("linear_forward(Tensor x_TD, Tensor w_ED) -> Tensor");
   m.def("linear_backward(Tensor g_TE, Tensor x_TD, Tensor w_ED) -> Tensor[]");
   m.def("topk_indices(Tensor scores_TE, int K) -> Tensor");
