@@ -262,6 +262,12 @@ def needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t.to(dtype), without the call where t has it already: a no-op .to() still costs ~0.7 us, and a
+    one-token forward makes a dozen."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 class SlotMap:
     def __init__(self, slot_A: torch.Tensor, row_A: torch.Tensor, T: int, K: int, n_rows: int):
         A = slot_A.numel()
@@ -455,7 +461,7 @@ class RoutedExperts(nn.Module):
         has the same number of rows (padding rows are zero)."""
         # x_TD comes in the compute dtype (autocast's, if on) and every operand is cast to it,
         # so the output dtype does not depend on which ops autocast happens to list
-        w_gate_up, w_down = self.w_gate_up.to(x_TD.dtype), self.w_down.to(x_TD.dtype)
+        w_gate_up, w_down = cast(self.w_gate_up, x_TD.dtype), cast(self.w_down, x_TD.dtype)
         if not padded and self.dispatch in ("fused", "auto") and moe_kernel.usable(x_TD):
             return moe_kernel.fused_experts(x_TD, w_gate_up, w_down, weight_A.to(x_TD.dtype), rows.token_N,
                                             counts_E.cumsum(0), rows._combine)
@@ -514,9 +520,9 @@ class RoutedExperts(nn.Module):
         moe_kernel.experts_tokens runs, with the shared experts' (gate_up, down, weight_T) if given
         (moe_kernel.experts_tokens); else each token runs its K experts on views of the weights."""
         E = self.w_down.shape[0]
-        w_gate_up, w_down = self.w_gate_up.to(x_TD.dtype), self.w_down.to(x_TD.dtype)
+        w_gate_up, w_down = cast(self.w_gate_up, x_TD.dtype), cast(self.w_down, x_TD.dtype)
         if moe_kernel.usable_for_tokens(x_TD):
-            return moe_kernel.experts_tokens(x_TD, idx_TK, weight_TK.to(x_TD.dtype), w_gate_up, w_down, shared)
+            return moe_kernel.experts_tokens(x_TD, idx_TK, cast(weight_TK, x_TD.dtype), w_gate_up, w_down, shared)
         assert shared is None, "the shared experts run in the same op only where moe_kernel.experts_tokens runs"
         y_TD = torch.zeros_like(x_TD)
         for t, (experts, weights) in enumerate(zip(idx_TK.tolist(), weight_TK.tolist())):
@@ -613,11 +619,11 @@ class Router(nn.Module):
         # autocast is on: it costs ~5 us, 5% of a one-token forward)
         device = x_TD.device.type
         with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext():
-            x_TD = x_TD.to(dtype)
+            x_TD = cast(x_TD, dtype)
             if self.training and self.cfg.router_jitter > 0:  # Switch Transformer input jitter
                 eps = self.cfg.router_jitter
                 x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - eps, 1 + eps)
-            logits_TE = moe_kernel.linear(x_TD, self.weight.to(dtype))
+            logits_TE = moe_kernel.linear(x_TD, cast(self.weight, dtype))
             if self.training and self.noise_weight is not None:
                 noise_std_TE = F.softplus(F.linear(x_TD, self.noise_weight.to(dtype)))
                 logits_TE = logits_TE + torch.randn_like(logits_TE) * noise_std_TE
@@ -648,7 +654,7 @@ class Router(nn.Module):
 
         # --- token choice: top-k over (biased, group-limited) scores
         with torch.no_grad():
-            choice_TE = scores_TE + self.expert_bias.to(scores_TE.dtype)
+            choice_TE = scores_TE + cast(self.expert_bias, scores_TE.dtype)
             if cfg.n_groups > 1:
                 choice_TE = self.limit_groups(choice_TE)
             idx_TK = moe_kernel.topk_indices(choice_TE, cfg.experts_per_token)
@@ -659,7 +665,9 @@ class Router(nn.Module):
         weights_TK = scores_TK
         if cfg.norm_topk:
             weights_TK = self.log_scores(logits_TE.gather(1, idx_TK)).softmax(dim=-1)
-        return Routing(logits_TE, scores_TE, probs_TE, idx_TK, weights_TK * cfg.route_scale, scores_TK.detach())
+        if cfg.route_scale != 1:
+            weights_TK = weights_TK * cfg.route_scale
+        return Routing(logits_TE, scores_TE, probs_TE, idx_TK, weights_TK, scores_TK.detach())
 
     def limit_groups(self, choice_TE: torch.Tensor) -> torch.Tensor:
         """DeepSeek-V3 group-limited routing: only experts in the best topk_groups groups stay eligible.
@@ -726,8 +734,8 @@ def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Dispatch:
-    token_A: torch.Tensor  # token of each kept assignment, grouped by expert
-    weight_A: torch.Tensor  # its combine weight
+    token_A: Optional[torch.Tensor]  # token of each kept assignment, grouped by expert (None: no plan, only counts)
+    weight_A: Optional[torch.Tensor]  # its combine weight
     counts_E: torch.Tensor  # kept assignments per routed FFN expert (sums to A)
     routed_E: torch.Tensor  # assignments the router chose per expert of the pool, before capacity drops
     drop_fraction: torch.Tensor  # token choice: dropped / (T*K); expert choice: tokens no expert took / T
@@ -799,18 +807,23 @@ class MoEAux:
     z_loss: torch.Tensor
     tokens_per_expert: torch.Tensor  # (E,) assignments the router chose per expert, before capacity drops
     drop_fraction: torch.Tensor
-    # forward FLOPs of the routed FFN experts per token, as computed: 2 * 3*D*H per kept
-    # assignment (zero-computation experts and dropped assignments cost none; shared experts
-    # and the router are not routed)
-    routed_flops_per_token: torch.Tensor
+    kept_per_expert: torch.Tensor = field(repr=False)  # (E,) assignments each routed FFN expert ran
+    flops_per_kept: float = field(repr=False)  # forward FLOPs of one kept assignment per token, 2 * 3*D*H / T
     # balance_scope="global": the expert-level loss with this micro-batch's own counts, to log
     # beside balance_loss (whose counts are pooled); None otherwise
     micro_balance_loss: Optional[torch.Tensor] = None
     # the router's per-token distributions, for router_entropy
     probs_TE: Optional[torch.Tensor] = field(default=None, repr=False)
 
-    # max_vio and router_entropy are computed when first read: sampling never reads them, and at
-    # one token their ops cost ~10% of the layer's forward
+    # the metrics below are computed when first read: sampling never reads them, and at one token
+    # their ops cost ~10% of the layer's forward
+    @cached_property
+    def routed_flops_per_token(self) -> torch.Tensor:
+        """Forward FLOPs of the routed FFN experts per token, as computed: 2 * 3*D*H per kept
+        assignment (zero-computation experts and dropped assignments cost none; shared experts and
+        the router are not routed)."""
+        return self.kept_per_expert.sum() * self.flops_per_kept
+
     @cached_property
     def max_vio(self) -> torch.Tensor:
         """(max load - mean load) / mean load."""
@@ -891,7 +904,7 @@ class MoE(nn.Module):
         # the experts compute in autocast's dtype when it is on (as nn.Linear would), else in x's
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        xe_TD = x_TD.to(dtype)
+        xe_TD = cast(x_TD, dtype)
 
         routing = self.router(x_TD)
         few = cfg.routing == "token_choice" and T <= self.experts.few_tokens_limit(xe_TD, cfg.experts_per_token) \
@@ -933,10 +946,16 @@ class MoE(nn.Module):
     shared_on_kernel_min_tokens = 128
 
     def plain_shared(self) -> bool:
-        modules = (self.shared, self.shared.gate_up, self.shared.down)
-        return type(self.shared) is SwiGLU and all(type(m) is nn.Linear for m in modules[1:]) \
-            and self.shared.gate_up.bias is None and self.shared.down.bias is None \
-            and not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+        """The shared experts are a plain SwiGLU of bias-free nn.Linear layers without hooks (no LoRA
+        wrapper, say), so the kernel may run their weights in place of their forward. (Written out
+        attribute by attribute: at one token it runs on every layer's forward.)"""
+        shared = self.shared
+        if type(shared) is not SwiGLU:
+            return False
+        gate_up, down = shared.gate_up, shared.down
+        return type(gate_up) is nn.Linear and type(down) is nn.Linear and gate_up.bias is None and down.bias is None \
+            and not (shared._forward_hooks or shared._forward_pre_hooks or gate_up._forward_hooks
+                     or gate_up._forward_pre_hooks or down._forward_hooks or down._forward_pre_hooks)
 
     def planned(self, xe_TD: torch.Tensor, routing: Routing, n_seq: int) -> tuple[torch.Tensor, Dispatch]:
         """The routed experts' output through a dispatch plan: assignments sorted by expert, gathered
@@ -971,13 +990,12 @@ class MoE(nn.Module):
         """Inference on a handful of tokens (sampling): RoutedExperts.few_tokens (with the shared experts
         if shared_too), and a plan with only the counts."""
         routed_E = torch.bincount(routing.idx_TK.flatten(), minlength=self.cfg.n_pool)
-        plan = Dispatch(routing.idx_TK.new_zeros(0), routing.weights_TK.new_zeros(0), routed_E[:self.cfg.n_experts],
-                        routed_E, routing.logits_TE.new_zeros(()))
+        plan = Dispatch(None, None, routed_E[:self.cfg.n_experts], routed_E, routing.logits_TE.new_zeros(()))
         shared = None
         if shared_too:
             dtype = xe_TD.dtype
             gate_T = None if self.shared_gate is None else torch.sigmoid(self.shared_gate(x_TD)).squeeze(-1).to(dtype)
-            shared = (self.shared.gate_up.weight.to(dtype), self.shared.down.weight.to(dtype), gate_T)
+            shared = (cast(self.shared.gate_up.weight, dtype), cast(self.shared.down.weight, dtype), gate_T)
         return self.experts.few_tokens(xe_TD, routing.idx_TK, routing.weights_TK, shared), plan
 
     def aux(self, routing: Routing, plan: Dispatch, n_seq: int) -> MoEAux:
@@ -1003,7 +1021,8 @@ class MoE(nn.Module):
             z_loss=coef(cfg.z_loss_coef, lambda: z_loss(routing.logits_TE)),
             tokens_per_expert=counts_E.detach(),
             drop_fraction=plan.drop_fraction,
-            routed_flops_per_token=plan.counts_E.sum().detach() * (6 * cfg.d_model * cfg.hidden_per_expert / T),
+            kept_per_expert=plan.counts_E.detach(),
+            flops_per_kept=6 * cfg.d_model * cfg.hidden_per_expert / T,
             micro_balance_loss=coef(cfg.balance_alpha, lambda: balance_loss(counts_E, probs_TE.detach()))
             if pooled else None,
             probs_TE=routing.probs_TE,
