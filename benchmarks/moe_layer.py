@@ -33,7 +33,8 @@ headline  forward+backward at --tokens tokens on two configs (fine: 64 x 128, to
 latency   sampling-sized batches (T in 1, 4, 8, 64), forward only, eval mode, no grad: moe and
           moe_grouped against the dense floor on both configs; `plan` is moe with the few-token path
           off (every batch through the dispatch plan; moe takes the few-token path,
-          moe_kernel.experts_tokens, while T*k <= 2 per expert: RoutedExperts.few_tokens_limit). T tokens
+          moe_kernel.experts_tokens with the shared experts in the same op, while T*k <= 64 per
+          expert: RoutedExperts.few_tokens_limit). Each timing is a loop of calls of about 20 ms. T tokens
           reach up to T*k distinct experts, so the MoE must read more weight bytes than the dense
           floor: column `bytes` is that ratio (router, shared experts and every expert chosen at
           least once / the dense floor's weights), a floor on the time ratio wherever reading

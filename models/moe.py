@@ -517,8 +517,8 @@ class RoutedExperts(nn.Module):
                    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
         """forward's result, without grad, for a small batch straight from the router's choices: no plan,
         row maps or combine, which at one token cost more than the experts' matmuls. In C++ where
-        moe_kernel.experts_tokens runs, with the shared experts' (gate_up, down, weight_T) if given
-        (moe_kernel.experts_tokens); else each token runs its K experts on views of the weights."""
+        moe_kernel.experts_tokens runs, with the shared experts' (gate_up, down, weight_T) if given;
+        else each token runs its K experts on views of the weights."""
         E = self.w_down.shape[0]
         w_gate_up, w_down = cast(self.w_gate_up, x_TD.dtype), cast(self.w_down, x_TD.dtype)
         if moe_kernel.usable_for_tokens(x_TD):
@@ -987,8 +987,8 @@ class MoE(nn.Module):
 
     def few_tokens(self, x_TD: torch.Tensor, xe_TD: torch.Tensor, routing: Routing,
                    shared_too: bool) -> tuple[torch.Tensor, Dispatch]:
-        """Inference on a handful of tokens (sampling): RoutedExperts.few_tokens (with the shared experts
-        if shared_too), and a plan with only the counts."""
+        """Inference on a small batch (sampling; up to RoutedExperts.few_tokens_limit tokens):
+        RoutedExperts.few_tokens (with the shared experts if shared_too), and a plan with only the counts."""
         routed_E = torch.bincount(routing.idx_TK.flatten(), minlength=self.cfg.n_pool)
         plan = Dispatch(None, None, routed_E[:self.cfg.n_experts], routed_E, routing.logits_TE.new_zeros(()))
         shared = None
