@@ -297,8 +297,9 @@ class SlotMap:
             return out_ND.index_select(0, self.row_S)
         # tokens in K chunks, so the slot-ordered copy is never larger than the (T, D) output
         y_TD = out_ND.new_empty(self.T, out_ND.shape[-1])
-        for t in range(0, self.T, -(-self.T // self.K)):
-            y_chunk = y_TD[t:t + -(-self.T // self.K)]
+        chunk = max(1, -(-self.T // self.K))  # (an empty batch: no chunk)
+        for t in range(0, self.T, chunk):
+            y_chunk = y_TD[t:t + chunk]
             rows = self.row_S[t * self.K:(t + y_chunk.shape[0]) * self.K]
             torch.sum(out_ND.index_select(0, rows).view(y_chunk.shape[0], self.K, -1), dim=1, out=y_chunk)
         return y_TD
@@ -994,7 +995,7 @@ class MoE(nn.Module):
         shared = None
         if shared_too:
             dtype = xe_TD.dtype
-            gate_T = None if self.shared_gate is None else torch.sigmoid(self.shared_gate(x_TD)).squeeze(-1).to(dtype)
+            gate_T = None if self.shared_gate is None else cast(torch.sigmoid(self.shared_gate(x_TD)).squeeze(-1), dtype)
             shared = (cast(self.shared.gate_up.weight, dtype), cast(self.shared.down.weight, dtype), gate_T)
         return self.experts.few_tokens(xe_TD, routing.idx_TK, routing.weights_TK, shared), plan
 
@@ -1022,7 +1023,7 @@ class MoE(nn.Module):
             tokens_per_expert=counts_E.detach(),
             drop_fraction=plan.drop_fraction,
             kept_per_expert=plan.counts_E.detach(),
-            flops_per_kept=6 * cfg.d_model * cfg.hidden_per_expert / T,
+            flops_per_kept=6 * cfg.d_model * cfg.hidden_per_expert / max(T, 1),  # an empty batch ran none
             micro_balance_loss=coef(cfg.balance_alpha, lambda: balance_loss(counts_E, probs_TE.detach()))
             if pooled else None,
             probs_TE=routing.probs_TE,

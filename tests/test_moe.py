@@ -1017,3 +1017,19 @@ def test_balance_loss_matches_transformers():
     logits = moe.router(x.view(-1, 16)).logits_TE
     theirs = load_balancing_loss_func((logits,), num_experts=E, top_k=K)
     torch.testing.assert_close(aux.balance_loss / 0.01 * K, theirs)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_empty_batch_runs(training):
+    """A batch of no tokens (sequences of length 0) goes through forward and backward, training and
+    inference paths, with no routed work counted."""
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(d_model=16, n_routed_experts=4, expert_hidden=8, top_k=2, n_shared_experts=1,
+                        shared_gate=True)).train(training)
+    x = torch.randn(2, 0, 16, requires_grad=training)
+    with torch.set_grad_enabled(training):
+        y, aux = moe(x)
+    assert y.shape == x.shape and aux.routed_flops_per_token == 0 and aux.tokens_per_expert.sum() == 0
+    if training:
+        y.sum().backward()
+        assert x.grad.shape == x.shape
