@@ -158,15 +158,17 @@ def test_kernel_ops_reject_bad_row_maps_before_any_work():
                                 False, args["R"], True)
 
 
+@pytest.mark.parametrize("T", [7, 200])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shared", [None, "gated", "ungated"])
-def test_experts_tokens_matches_reference(threads, dtype, shared):
+def test_experts_tokens_matches_reference(threads, T, dtype, shared):
     """The small-batch op (sampling): each token through its chosen experts, weighted and summed;
     indices from E on (zero-computation experts) contribute nothing; plus the shared experts in
     nn.Linear's layout, times their gate. H = 20 leaves a partial vector; S = 44 shared hidden units
-    run as slices of 20, 20 and 4; 7 tokens over 5 experts, top-3, put several rows on an expert.
+    run as slices of 20, 20 and 4; 7 tokens over 5 experts, top-3, put several rows on an expert,
+    200 tokens more than the 64 rows of one work item (an expert's rows, the shared slices' tokens).
     The same bits on 1 thread and 3 (the work split differs, the summation order does not)."""
-    T, D, H, E, K, S = 7, 24, 20, 5, 3, 44
+    D, H, E, K, S = 24, 20, 5, 3, 44
     g = torch.Generator().manual_seed(0)
     x, w_gu, w_dn = torch.randn(T, D, generator=g), torch.randn(E, D, 2 * H, generator=g), torch.randn(E, H, D, generator=g)
     idx_TK = torch.randint(E + 2, (T, K), generator=g)  # E and E+1: skipped

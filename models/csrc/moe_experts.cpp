@@ -493,16 +493,20 @@ void gemm_nt(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* 
                       ldc, std::min<int64_t>(TILE_VECS, N - n));
 }
 
-// One item of experts_tokens' work: a routed expert and the rows of the pairs that chose it, or a
-// slice of the shared experts' hidden units over all tokens. Each writes rows of its own.
-struct Item { int64_t expert, lo, hi; };  // expert E: shared hidden units [lo, hi); else rows [lo, hi)
+// One item of experts_tokens' work, writing rows of its own: rows [lo, hi) of a routed expert (the
+// pairs that chose it), or, as expert E, tokens [lo, hi) through slice `slice` of the shared experts'
+// hidden units. At most ITEM_ROWS rows each, so that a few busy experts still spread over the
+// threads (a row's result does not depend on the rows run beside it).
+struct Item { int64_t expert, lo, hi, slice; };
+constexpr int64_t ITEM_ROWS = 64;
 
 // y_TD[t] = sum over k with idx_TK[t, k] < E of weight_TK[t, k] * SwiGLU_e(x_TD[t]), e = idx_TK[t, k]
 // (indices from E on are zero-computation experts, left to the caller), plus, if given, the shared
 // experts' SwiGLU (weights in nn.Linear's layout: shared_gate_up (2S, D) [gate | up], shared_down
 // (D, S)) times shared_weight_T[t] (1 if not given). float and double.
-// The pairs are grouped by expert, so each chosen expert's weights are read once for all its tokens;
-// the shared experts are cut into slices of hidden units the size of a routed expert (at most 8).
+// The pairs are grouped by expert, so each chosen expert's weights are read once for all its tokens
+// (once per ITEM_ROWS of them); the shared experts are cut into slices of hidden units the size of a
+// routed expert (at most 8).
 // The items split over the threads by their cost; each writes rows of its own, and a token's rows
 // are summed in choice order, then slice order, whatever the thread count.
 Tensor experts_tokens(const Tensor& x_TD, const Tensor& idx_TK, const Tensor& weight_TK, const Tensor& w_gate_up,
@@ -548,18 +552,17 @@ Tensor experts_tokens(const Tensor& x_TD, const Tensor& idx_TK, const Tensor& we
   // FLOPs start to cost more than the reads)
   std::vector<Item> items;
   std::vector<double> cost;
-  int64_t max_rows = 0;
   for (int64_t e = 0; e < E; ++e)
-    if (start[e + 1] > start[e]) {
-      items.push_back({e, start[e], start[e + 1]});
-      cost.push_back(3.0 * D * H * (start[e + 1] - start[e] + 4));
-      max_rows = std::max(max_rows, start[e + 1] - start[e]);
+    for (int64_t lo = start[e]; lo < start[e + 1]; lo += ITEM_ROWS) {
+      items.push_back({e, lo, std::min(lo + ITEM_ROWS, start[e + 1]), 0});
+      cost.push_back(3.0 * D * H * (items.back().hi - lo + 4));
     }
-  const int64_t slice = shared ? std::max(H, (S + 7) / 8) : 1, n_slices = shared ? (S + slice - 1) / slice : 0;
-  for (int64_t c = 0; c < n_slices; ++c) {
-    items.push_back({E, c * slice, std::min(S, (c + 1) * slice)});
-    cost.push_back(3.0 * D * (items.back().hi - items.back().lo) * (T + 4));
-  }
+  const int64_t width = shared ? std::max(H, (S + 7) / 8) : 0, n_slices = shared ? (S + width - 1) / width : 0;
+  for (int64_t c = 0; c < n_slices; ++c)
+    for (int64_t t = 0; t < T; t += ITEM_ROWS) {
+      items.push_back({E, t, std::min(t + ITEM_ROWS, T), c});
+      cost.push_back(3.0 * D * (std::min(S, (c + 1) * width) - c * width) * (items.back().hi - t + 4));
+    }
   // thread p runs items [first[p], first[p + 1]): contiguous runs of about equal cost
   const int64_t n_items = items.size(), P = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_items));
   std::vector<int64_t> first(P + 1, n_items);
@@ -581,8 +584,8 @@ Tensor experts_tokens(const Tensor& x_TD, const Tensor& idx_TK, const Tensor& we
     const scalar_t* s_w = shared_weight_T.has_value() ? shared_weight_T->const_data_ptr<scalar_t>() : nullptr;
     scalar_t *out = out_ND.data_ptr<scalar_t>(), *sh = shared_CTD.data_ptr<scalar_t>();
     at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
-      const int64_t rows = std::max(max_rows, shared ? T : 0), width = std::max(H, slice);
-      std::vector<scalar_t> x_rows(max_rows * D), gu(rows * 2 * width), h(rows * width);
+      const int64_t H_max = std::max(H, width);
+      std::vector<scalar_t> x_rows(ITEM_ROWS * D), gu(ITEM_ROWS * 2 * H_max), h(ITEM_ROWS * H_max);
       for (int64_t i = first[p0]; i < first[p1]; ++i) {
         const Item& it = items[i];
         const int64_t n = it.hi - it.lo;
@@ -593,11 +596,14 @@ Tensor experts_tokens(const Tensor& x_TD, const Tensor& idx_TK, const Tensor& we
           for (int64_t r = 0; r < n; ++r)
             swiglu_row(&gu[r * 2 * H], &gu[r * 2 * H + H], weight[order[it.lo + r]], &h[r * H], H);
           gemm<scalar_t, false>(n, D, H, h.data(), H, w_dn + it.expert * H * D, D, out + it.lo * D, D, false);
-        } else {  // shared hidden units [lo, hi), every token: [gate | up] rows of width n, SwiGLU, down
-          gemm_nt<scalar_t>(T, n, D, x, D, s_gu + it.lo * D, D, gu.data(), 2 * n);
-          gemm_nt<scalar_t>(T, n, D, x, D, s_gu + (S + it.lo) * D, D, gu.data() + n, 2 * n);
-          for (int64_t t = 0; t < T; ++t) swiglu_row(&gu[t * 2 * n], &gu[t * 2 * n + n], s_w ? s_w[t] : 1, &h[t * n], n);
-          gemm_nt<scalar_t>(T, D, n, h.data(), n, s_dn + it.lo, S, sh + it.lo / slice * T * D, D);
+        } else {  // shared hidden units [j0, j0 + m) of tokens [lo, hi): [gate | up] rows of width m, SwiGLU, down
+          const int64_t j0 = it.slice * width, m = std::min(S, j0 + width) - j0;
+          const scalar_t* x_n = x + it.lo * D;
+          gemm_nt<scalar_t>(n, m, D, x_n, D, s_gu + j0 * D, D, gu.data(), 2 * m);
+          gemm_nt<scalar_t>(n, m, D, x_n, D, s_gu + (S + j0) * D, D, gu.data() + m, 2 * m);
+          for (int64_t r = 0; r < n; ++r)
+            swiglu_row(&gu[r * 2 * m], &gu[r * 2 * m + m], s_w ? s_w[it.lo + r] : 1, &h[r * m], m);
+          gemm_nt<scalar_t>(n, D, m, h.data(), m, s_dn + j0, S, sh + (it.slice * T + it.lo) * D, D);
         }
       }
     });
