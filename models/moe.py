@@ -292,6 +292,8 @@ class SlotMap:
         return (F.pad(x_TD, (0, 0, 0, 1)) if self.pad_rows else x_TD).index_select(0, self.token_N)
 
     def _combine(self, out_ND: torch.Tensor) -> torch.Tensor:
+        if moe_kernel.usable(out_ND):  # one pass, rows read in place
+            return moe_kernel.sum_slots(out_ND, self.row_S, self.K)
         out_ND = F.pad(out_ND, (0, 0, 0, 1)) if self.dropped else out_ND
         if self.K == 1:
             return out_ND.index_select(0, self.row_S)

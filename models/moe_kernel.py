@@ -8,7 +8,7 @@ block's tokens, and runs gate/up, SwiGLU and down on it single-threaded while it
 Backward does the same per block and adds each expert's weight gradient up over its blocks.
 The block matmuls run torch's BLAS, or on CPUs where that leaves AVX-512 unused, a register-tiled
 matmul of the kernel's own (own_matmul()).
-The same extension holds the router's top-k, the dispatch plan's sort by expert, and a plan-free
+The same extension holds the router's top-k, the dispatch plan's sort by expert, its combine, and a plan-free
 path for sampling's small batches, routed and shared experts in one op (experts_tokens).
 
 It is built on first use with torch.utils.cpp_extension (a C++ compiler and ninja; about 25 s,
@@ -166,6 +166,13 @@ def experts_tokens(x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Te
     gate_up, down, weight_T = shared if shared is not None else (None, None, None)
     return kernel().experts_tokens(*(t.contiguous() for t in (x_TD, idx_TK, weight_TK, w_gate_up, w_down)),
                                    *(None if t is None else t.contiguous() for t in (gate_up, down, weight_T)))
+
+
+def sum_slots(rows_ND: torch.Tensor, row_S: torch.Tensor, K: int) -> torch.Tensor:
+    """Token choice's combine: y_TD[t] = sum_k rows_ND[row_S[t * K + k]], k in order (row N: a zero
+    row), in one pass over the rows where they lie (index_select then sum would first copy them all
+    into slot order)."""
+    return kernel().sum_slots(rows_ND.contiguous(), row_S.contiguous(), K)
 
 
 def topk_indices(scores_TE: torch.Tensor, k: int) -> torch.Tensor:

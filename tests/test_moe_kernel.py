@@ -205,6 +205,27 @@ def test_experts_tokens_matches_reference(threads, T, dtype, shared):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("K", [1, 3])
+def test_sum_slots_is_the_token_choice_combine(threads, dtype, K):
+    """Each token's K slots summed, row N (a dropped assignment) counting as zero: the padded gather
+    and sum it replaces, on 1 thread and 2."""
+    T, N, D = 50, 120, 20
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(N, D, generator=g).to(dtype)
+    row_S = torch.randint(N + 1, (T * K,), generator=g)
+    row_S[:K] = N  # a token whose every assignment was dropped
+    expected = F.pad(rows.double(), (0, 0, 0, 1))[row_S].view(T, K, D).sum(1)
+    for n_threads in (1, 2):
+        threads(n_threads)
+        ours = moe_kernel.sum_slots(rows, row_S, K)
+        assert ours.dtype == dtype and torch.equal(ours[0], torch.zeros(D, dtype=dtype))
+        torch.testing.assert_close(ours.double(), expected, **(dict(atol=2e-2, rtol=1e-2) if dtype == torch.bfloat16
+                                                                else dict(atol=1e-5, rtol=1e-5)))
+    with pytest.raises(RuntimeError, match="row_S values must be rows in \\[0, N\\]"):
+        moe_kernel.sum_slots(rows, row_S + 1, K)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("E, k", [(8, 1), (8, 8), (64, 6), (5, 2)])
 def test_topk_indices_pick_torch_topk_values_ties_to_the_lower_index(dtype, E, k):
     g = torch.Generator().manual_seed(E * k)

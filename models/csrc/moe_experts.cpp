@@ -623,6 +623,43 @@ Tensor experts_tokens(const Tensor& x_TD, const Tensor& idx_TK, const Tensor& we
 }
 
 // ---------------------------------------------------------------------------------------------
+// the combine of token choice: each token's K slots summed in slot order, rows read in place
+
+// y_TD[t] = sum over k of rows_ND[row_S[t * K + k]], k in order; row N (one past the last) is a zero
+// row (a dropped assignment). One pass, where index_select then sum would first copy every row
+// into slot order. Reduced floating types (bf16) sum in float.
+Tensor sum_slots(const Tensor& rows_ND, const Tensor& row_S, int64_t K) {
+  TORCH_CHECK(rows_ND.dim() == 2 && rows_ND.is_contiguous() && row_S.dim() == 1 && row_S.is_contiguous() &&
+              row_S.scalar_type() == at::kLong && K >= 1 && row_S.numel() % K == 0,
+              "sum_slots takes contiguous (N, D) rows, a contiguous int64 (T * K,) row_S and K >= 1, got ",
+              rows_ND.sizes(), ", ", row_S.sizes(), ", K=", K);
+  const int64_t N = rows_ND.size(0), D = rows_ND.size(1), T = row_S.numel() / K;
+  const int64_t* row = row_S.data_ptr<int64_t>();
+  TORCH_CHECK(std::all_of(row, row + T * K, [N](int64_t r) { return r >= 0 && r <= N; }),
+              "row_S values must be rows in [0, N] (N: a zero row), N = ", N);
+  Tensor y_TD = at::empty({T, D}, rows_ND.options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, rows_ND.scalar_type(), "sum_slots", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const scalar_t* rows = rows_ND.const_data_ptr<scalar_t>();
+    scalar_t* y = y_TD.data_ptr<scalar_t>();
+    at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
+      std::vector<opmath_t> acc(D);
+      for (int64_t t = t0; t < t1; ++t) {
+        std::fill(acc.begin(), acc.end(), opmath_t(0));
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t r = row[t * K + k];
+          if (r == N) continue;
+          const scalar_t* src = rows + r * D;
+          for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<opmath_t>(src[d]);
+        }
+        for (int64_t d = 0; d < D; ++d) y[t * D + d] = static_cast<scalar_t>(acc[d]);
+      }
+    });
+  });
+  return y_TD;
+}
+
+// ---------------------------------------------------------------------------------------------
 // routing helpers: torch.topk and a stable argsort by expert, specialised to the router's shapes
 
 // (T, E) scores -> (T, K) indices of each row's K largest, largest first; ties go to the lower
@@ -685,6 +722,7 @@ TORCH_LIBRARY(moe_playground, m) {
         "Tensor? shared_gate_up=None, Tensor? shared_down=None, Tensor? shared_weight_T=None) -> Tensor");
   m.def("linear_forward(Tensor x_TD, Tensor w_ED) -> Tensor");
   m.def("linear_backward(Tensor g_TE, Tensor x_TD, Tensor w_ED) -> Tensor[]");
+  m.def("sum_slots(Tensor rows_ND, Tensor row_S, int K) -> Tensor");
   m.def("topk_indices(Tensor scores_TE, int K) -> Tensor");
   m.def("sort_by_key(Tensor key_A, int n_keys) -> Tensor");
 }
@@ -695,6 +733,7 @@ TORCH_LIBRARY_IMPL(moe_playground, CPU, m) {
   m.impl("experts_tokens", &experts_tokens);
   m.impl("linear_forward", &linear_forward);
   m.impl("linear_backward", &linear_backward);
+  m.impl("sum_slots", &sum_slots);
   m.impl("topk_indices", &topk_indices);
   m.impl("sort_by_key", &sort_by_key);
 }
