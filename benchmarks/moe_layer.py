@@ -31,7 +31,8 @@ headline  forward+backward at --tokens tokens on two configs (fine: 64 x 128, to
           threads x BLOCK_ROWS (256) rows x (2D + 4H) values, the transposed weights of one expert and two
           experts' weight gradients per thread).
 latency   sampling-sized batches (T in 1, 4, 8, 64), forward only, eval mode, no grad: moe and
-          moe_grouped against the dense floor on both configs; `plan` is moe with the few-token path
+          moe_grouped (its torch path, as where the kernel cannot run: a Python loop over the tokens
+          up to 4, then its plan) against the dense floor on both configs; `plan` is moe with the few-token path
           off (every batch through the dispatch plan; moe takes the few-token path,
           moe_kernel.experts_tokens with the shared experts in the same op, while T*k <= 64 per
           expert: RoutedExperts.few_tokens_limit). Each timing is a loop of calls of about 20 ms. T tokens

@@ -122,7 +122,9 @@ class MoEConfig:
     # matmul, while one bmm or the kernel pays it once (or set OMP_WAIT_POLICY=PASSIVE, see
     # benchmarks/moe_layer.py). Under torch.compile, grouped_mm runs only in bf16; other dtypes
     # fall back to padded_bmm. Inference with fewer rows than experts loops over the experts
-    # that have rows where the kernel does not run.
+    # that have rows where the kernel does not run. Inference on small batches (no grad, no
+    # capacity) skips the plan: under "fused" and "auto" one C++ op for routed and shared experts
+    # up to 64 assignments per expert (RoutedExperts.few_tokens_limit), else a Python loop up to 4 tokens.
     dispatch: str = "fused"
     init_std: float = 0.02  # normal init of the router and every expert weight
 
@@ -512,9 +514,14 @@ class RoutedExperts(nn.Module):
     few_tokens_max_python = 4
 
     def few_tokens_limit(self, x_TD: torch.Tensor, top_k: int) -> int:
-        if moe_kernel.usable_for_tokens(x_TD):
+        if self.runs_tokens_op(x_TD):
             return max(1, self.few_rows_per_expert * self.w_down.shape[0] // top_k)
         return self.few_tokens_max_python
+
+    def runs_tokens_op(self, x_TD: torch.Tensor) -> bool:
+        """few_tokens runs moe_kernel.experts_tokens: under the fused kernel's dispatch ("fused", or
+        "auto"), where the op runs; another dispatch chosen keeps its own torch path."""
+        return self.dispatch in ("fused", "auto") and moe_kernel.usable_for_tokens(x_TD)
 
     def few_tokens(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Tensor,
                    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
@@ -524,7 +531,7 @@ class RoutedExperts(nn.Module):
         else each token runs its K experts on views of the weights."""
         E = self.w_down.shape[0]
         w_gate_up, w_down = cast(self.w_gate_up, x_TD.dtype), cast(self.w_down, x_TD.dtype)
-        if moe_kernel.usable_for_tokens(x_TD):
+        if self.runs_tokens_op(x_TD):
             return moe_kernel.experts_tokens(x_TD, idx_TK, cast(weight_TK, x_TD.dtype), w_gate_up, w_down, shared)
         assert shared is None, "the shared experts run in the same op only where moe_kernel.experts_tokens runs"
         y_TD = torch.zeros_like(x_TD)
@@ -914,7 +921,7 @@ class MoE(nn.Module):
             and cfg.capacity(T, self.training) is None and not needs_grad(xe_TD, self.experts.w_gate_up) \
             and not torch.compiler.is_compiling()  # its per-token loop would break the graph
         # in the few-token op the shared experts run beside the routed ones (their weights as they are)
-        shared_too = few and self.shared is not None and moe_kernel.usable_for_tokens(xe_TD) and self.plain_shared()
+        shared_too = few and self.shared is not None and self.experts.runs_tokens_op(xe_TD) and self.plain_shared()
         y_TD, plan = self.few_tokens(x_TD, xe_TD, routing, shared_too) if few else self.planned(xe_TD, routing, n_seq)
         if self.null_experts is not None:
             y_TD = y_TD + self.null_experts(xe_TD, routing.idx_TK, routing.weights_TK)

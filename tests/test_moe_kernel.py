@@ -361,3 +361,19 @@ def test_flop_counter_counts_the_kernel_ops(monkeypatch):
     with FlopCounterMode(display=False) as counter:
         moe(x)[0].sum().backward()
     assert counter.get_total_flops() == 6 * T * D * E + 18 * T * K * D * H
+
+
+@pytest.mark.parametrize("dispatch", ["fused", "auto", "grouped_mm", "padded_bmm", "loop"])
+def test_small_batch_op_only_under_the_kernels_dispatch(monkeypatch, dispatch):
+    """The small-batch op belongs to the fused kernel ("fused", or "auto" where it runs): a dispatch
+    chosen otherwise keeps its torch path, the Python loop up to 4 tokens, then its plan."""
+    moe = MoE(MoEConfig(d_model=16, n_routed_experts=8, expert_hidden=16, top_k=2, n_shared_experts=1,
+                        dispatch=dispatch)).eval()
+    calls = []
+    op = moe_kernel.experts_tokens
+    monkeypatch.setattr(moe_kernel, "experts_tokens", lambda *a: calls.append(1) or op(*a))
+    ours = dispatch in ("fused", "auto")
+    assert moe.experts.few_tokens_limit(torch.zeros(1, 16), 2) == (8 * 64 // 2 if ours else 4)
+    with torch.no_grad():
+        moe(torch.randn(3, 16))
+    assert calls == ([1] if ours else [])
