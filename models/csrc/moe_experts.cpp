@@ -188,11 +188,48 @@ void tail_tile(int64_t rows, const T* a, int64_t lda, const T* b, int64_t ldb, i
   else if constexpr (R > 1) tail_tile<T, TRANS_A, R - 1>(rows, a, lda, b, ldb, K, c, ldc, cols, accumulate);
 }
 
+// One row of a (sampling's single token): c[0:N] = (c +) a[k * a_step] @ b, in strips of ROW_VECS
+// vectors, each b row's strip read in one run (memory-bound, so the longer runs are what counts)
+#ifdef CPU_CAPABILITY_AVX512
+constexpr int ROW_VECS = 16;
+#else
+constexpr int ROW_VECS = 8;
+#endif
+
+template <typename T>
+void gemm_row(int64_t N, int64_t K, const T* a, int64_t a_step, const T* b, int64_t ldb, T* c, bool accumulate) {
+  constexpr int64_t S = Vec<T>::size();
+  for (int64_t j = 0; j < N; j += ROW_VECS * S) {
+    const int64_t cols = std::min(ROW_VECS * S, N - j);
+    Vec<T> acc[ROW_VECS];
+    if (cols == ROW_VECS * S) {
+      for (int v = 0; v < ROW_VECS; ++v) acc[v] = accumulate ? Vec<T>::loadu(c + j + v * S) : Vec<T>(0);
+      for (int64_t k = 0; k < K; ++k) {
+        const Vec<T> a_k(a[k * a_step]);
+        const T* b_k = b + k * ldb + j;
+        for (int v = 0; v < ROW_VECS; ++v) acc[v] = at::vec::fmadd(a_k, Vec<T>::loadu(b_k + v * S), acc[v]);
+      }
+      for (int v = 0; v < ROW_VECS; ++v) acc[v].store(c + j + v * S);
+    } else {  // the last, narrower strip
+      const int64_t nv = (cols + S - 1) / S;
+      auto count = [&](int64_t v) { return std::min(S, cols - v * S); };
+      for (int64_t v = 0; v < nv; ++v) acc[v] = accumulate ? Vec<T>::loadu(c + j + v * S, count(v)) : Vec<T>(0);
+      for (int64_t k = 0; k < K; ++k) {
+        const Vec<T> a_k(a[k * a_step]);
+        const T* b_k = b + k * ldb + j;
+        for (int64_t v = 0; v < nv; ++v) acc[v] = at::vec::fmadd(a_k, Vec<T>::loadu(b_k + v * S, count(v)), acc[v]);
+      }
+      for (int64_t v = 0; v < nv; ++v) acc[v].store(c + j + v * S, count(v));
+    }
+  }
+}
+
 // c (M x N, rows ldc apart) = (c +) a (M x K) @ b (K x N), one strip of TILE_VECS vectors of columns
 // at a time (its K rows of b stay in cache while TILE_ROWS rows of a at a time run over them)
 template <typename T, bool TRANS_A>
 void gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc,
           bool accumulate) {
+  if (M == 1) return gemm_row(N, K, a, TRANS_A ? lda : 1, b, ldb, c, accumulate);
   const int64_t strip = TILE_VECS * Vec<T>::size();
   auto a_row = [&](int64_t m) { return TRANS_A ? a + m : a + m * lda; };
   for (int64_t j = 0; j < N; j += strip) {
