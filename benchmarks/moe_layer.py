@@ -15,7 +15,8 @@ headline  forward+backward at --tokens tokens on two configs (fine: 64 x 128, to
                           shared experts (MOE_PLAYGROUND_MATMUL=blas, as moe_grouped and moe_padded);
                           the dense floor and transformers run BLAS
             moe_grouped   this layer with dispatch="grouped_mm" (F.grouped_mm, what "fused" falls
-                          back to where the kernel cannot run)
+                          back to where the kernel cannot run; the extension's routing helpers,
+                          top-k, sort and combine, still run here)
             moe_padded    this layer with dispatch="padded_bmm" (dispatch="auto" runs the kernel
                           where it can, so it times as moe)
             dense_floor   models.transformer.SwiGLU with the same active FLOPs per token (what no
