@@ -38,6 +38,7 @@ SCORE_FUNCS = ("softmax", "sigmoid")
 ROUTINGS = ("token_choice", "expert_choice")
 DISPATCHES = ("fused", "grouped_mm", "auto", "padded_bmm", "loop")
 DISPATCHES_GROUPED = ("fused", "grouped_mm", "auto")  # run F.grouped_mm where the fused kernel does not
+DISPATCHES_KERNEL = ("fused", "auto")  # run the fused kernel where it runs
 DROP_POLICIES = ("score", "position")
 BALANCE_SCOPES = ("micro_batch", "global")
 
@@ -467,7 +468,7 @@ class RoutedExperts(nn.Module):
         # x_TD comes in the compute dtype (autocast's, if on) and every operand is cast to it,
         # so the output dtype does not depend on which ops autocast happens to list
         w_gate_up, w_down = cast(self.w_gate_up, x_TD.dtype), cast(self.w_down, x_TD.dtype)
-        if not padded and self.dispatch in ("fused", "auto") and moe_kernel.usable(x_TD):
+        if not padded and self.dispatch in DISPATCHES_KERNEL and moe_kernel.usable(x_TD):
             return moe_kernel.fused_experts(x_TD, w_gate_up, w_down, weight_A.to(x_TD.dtype), rows.token_N,
                                             counts_E.cumsum(0), rows._combine)
         return rows.combine(self.rows_out(x_TD, w_gate_up, w_down, rows, counts_E, weight_A, padded))
@@ -521,7 +522,7 @@ class RoutedExperts(nn.Module):
     def runs_tokens_op(self, x_TD: torch.Tensor) -> bool:
         """few_tokens runs moe_kernel.experts_tokens: under the fused kernel's dispatch ("fused", or
         "auto"), where the op runs; another dispatch chosen keeps its own torch path."""
-        return self.dispatch in ("fused", "auto") and moe_kernel.usable_for_tokens(x_TD)
+        return self.dispatch in DISPATCHES_KERNEL and moe_kernel.usable_for_tokens(x_TD)
 
     def few_tokens(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Tensor,
                    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
@@ -936,15 +937,14 @@ class MoE(nn.Module):
         shared SwiGLU runs through it as one expert that every token reaches, the gate as the rows'
         combine weights, on batches of at least shared_on_kernel_min_tokens; else, or when its
         linears are not plain nn.Linear without hooks (a LoRA wrapper, say), the module runs."""
-        gate_T1 = torch.sigmoid(self.shared_gate(x_TD)) if self.shared_gate is not None else None
         if not (x_TD.shape[0] >= self.shared_on_kernel_min_tokens
                 and moe_kernel.runs_own_matmul(xe_TD) and self.plain_shared()):
             shared_TD = self.shared(x_TD)
-            return shared_TD if gate_T1 is None else gate_T1 * shared_TD
-        T, dtype = xe_TD.shape[0], xe_TD.dtype
-        w_gate_up = self.shared.gate_up.weight.t().unsqueeze(0).to(dtype)  # (1, D, 2H): the kernel's layout
-        w_down = self.shared.down.weight.t().unsqueeze(0).to(dtype)
-        weight_T = xe_TD.new_ones(T) if gate_T1 is None else gate_T1.squeeze(-1).to(dtype)
+            return shared_TD if self.shared_gate is None else torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
+        T = xe_TD.shape[0]
+        gate_up, down, weight_T = self.shared_weights(x_TD, xe_TD.dtype)
+        w_gate_up, w_down = gate_up.t().unsqueeze(0), down.t().unsqueeze(0)  # (1, D, 2H), (1, H, D): the kernel's layout
+        weight_T = xe_TD.new_ones(T) if weight_T is None else weight_T
         rows_T = torch.arange(T, device=xe_TD.device)
         return moe_kernel.fused_experts(xe_TD, w_gate_up, w_down, weight_T, rows_T, rows_T.new_full((1,), T),
                                         lambda out_TD: out_TD)  # one row per token, in order: nothing to sum
@@ -954,6 +954,13 @@ class MoE(nn.Module):
     # 1 token 137 vs 28 us, 64 tokens 208 vs 198, 256 tokens 360 vs 548; forward+backward alike
     # (64: 701 vs 630 us, 256: 1225 vs 1807)
     shared_on_kernel_min_tokens = 128
+
+    def shared_weights(self, x_TD: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor,
+                                                                          torch.Tensor | None]:
+        """A plain shared SwiGLU as the kernel's ops take it: its gate_up (2H, D) and down (D, H) weights
+        in nn.Linear's layout and in dtype, and the Qwen2-MoE gate's weight per token (None: no gate)."""
+        gate_T = None if self.shared_gate is None else cast(torch.sigmoid(self.shared_gate(x_TD)).squeeze(-1), dtype)
+        return cast(self.shared.gate_up.weight, dtype), cast(self.shared.down.weight, dtype), gate_T
 
     def plain_shared(self) -> bool:
         """The shared experts are a plain SwiGLU of bias-free nn.Linear layers without hooks (no LoRA
@@ -1001,11 +1008,7 @@ class MoE(nn.Module):
         RoutedExperts.few_tokens (with the shared experts if shared_too), and a plan with only the counts."""
         routed_E = torch.bincount(routing.idx_TK.flatten(), minlength=self.cfg.n_pool)
         plan = Dispatch(None, None, routed_E[:self.cfg.n_experts], routed_E, routing.logits_TE.new_zeros(()))
-        shared = None
-        if shared_too:
-            dtype = xe_TD.dtype
-            gate_T = None if self.shared_gate is None else cast(torch.sigmoid(self.shared_gate(x_TD)).squeeze(-1), dtype)
-            shared = (cast(self.shared.gate_up.weight, dtype), cast(self.shared.down.weight, dtype), gate_T)
+        shared = self.shared_weights(x_TD, xe_TD.dtype) if shared_too else None
         return self.experts.few_tokens(xe_TD, routing.idx_TK, routing.weights_TK, shared), plan
 
     def aux(self, routing: Routing, plan: Dispatch, n_seq: int) -> MoEAux:

@@ -119,13 +119,13 @@ def runs_on(t: torch.Tensor) -> bool:
 
 
 def usable_for_tokens(x_TD: torch.Tensor) -> bool:
-    """experts_tokens runs float32 and float64 CPU tensors outside torch.compile."""
+    """experts_tokens (and the kernel's own matmul) runs float32 and float64 CPU tensors outside torch.compile."""
     return x_TD.dtype in VECTOR_DTYPES and runs_on(x_TD)
 
 
 def runs_own_matmul(x_TD: torch.Tensor) -> bool:
     """The fused experts on x_TD run the kernel's own block matmuls (float32 and float64, own_matmul())."""
-    return x_TD.dtype in VECTOR_DTYPES and runs_on(x_TD) and own_matmul()
+    return usable_for_tokens(x_TD) and own_matmul()
 
 
 # linear() runs the kernel from this many rows: it transposes the weight on every call, measured
